@@ -327,8 +327,12 @@ def smollm2_folder():
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-tmp-")
     try:  # dequantize (~35 s) into a temp dir, then rename: a crash never leaves a half-written cache
-        AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0]).float().save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0]).save_pretrained(tmp)
+        ref = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0], dtype=torch.float32)
+        d = ref.config.to_dict()
+        d["architectures"] = d.get("architectures") or [type(ref).__name__]
+        # transformers marks GGUF models as quantized and refuses save_pretrained: write through our save()
+        save(from_hf_state(d, ref.state_dict()), AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0]), tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         os.rename(tmp, out)
     except OSError:
         if not os.path.exists(os.path.join(out, "config.json")):  # not just a concurrent winner
@@ -338,25 +342,33 @@ def smollm2_folder():
     return out
 
 
+def from_hf_state(d, state):
+    """Our Transformer from a config.json dict and an HF-named state dict (tensors are reused, not copied)."""
+    cfg = config_from_hf(d)
+    names = hf_names(cfg)
+    missing = [theirs for theirs in names.values() if theirs not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, assign=True)
+    model.inv_freq = rope_inv_freq(cfg)
+    return model
+
+
 def load_folder(folder, trust_remote_code=False):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
     with open(os.path.join(folder, "config.json")) as f:
-        cfg = config_from_hf(json.load(f))
+        d = json.load(f)
+    config_from_hf(d)  # fail on an unsupported architecture before reading gigabytes
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))  # one file or shards
     if not files:
         raise ValueError(f"no .safetensors weights in {folder} (only safetensors checkpoints are supported)")
     state = {}
     for f in files:
         state.update(load_file(os.path.join(folder, f)))
-    names = hf_names(cfg)
-    missing = [theirs for theirs in names.values() if theirs not in state]
-    if missing:
-        raise ValueError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, assign=True)
-    model.inv_freq = rope_inv_freq(cfg)
+    model = from_hf_state(d, state)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     # eos must be the end-of-turn token so that sampling stops at the end of an assistant turn
     for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):

