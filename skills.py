@@ -103,7 +103,7 @@ def _to_skill(obj):
         if not isinstance(v, str) or len(v) > MAX_FIELD_CHARS:
             return None
         vals.append(v.strip())
-    if not vals[2]:  # a skill without a workflow teaches nothing
+    if not vals[2].strip(". "):  # no workflow (or the prompt's "..." echoed back) teaches nothing
         return None
     return Skill(*vals)
 
@@ -237,12 +237,15 @@ def summary_prompt(ep, max_chars=8000):
     transcript = "\n".join(lines)
     if len(transcript) > max_chars:  # keep the start (task) and the end (outcome)
         transcript = transcript[:max_chars // 2] + "\n...\n" + transcript[-max_chars // 2:]
+    if isinstance(ep.get("facts"), dict):  # measured facts keep a small summariser honest
+        transcript += "\n\nFacts measured by the environment: " + json.dumps(ep["facts"])[:1500]
     outcome = "succeeded" if ep.get("success") else "failed"
     return (f"Below is an agent's attempt at a task. It {outcome} with reward {float(ep.get('reward', 0.0)):g}.\n\n"
             f"{transcript}\n\nSummarise the attempt as a reusable skill for a future attempt at the same task. "
             'Reply with only a JSON object with exactly three string fields: "success_analysis" (what worked), '
             '"mistake_analysis" (what went wrong and why), "golden_workflow" (the step-by-step procedure to '
-            "follow next time). Keep each field under 120 words.")
+            "follow next time). Keep each field under 120 words. Format:\n"
+            '{"success_analysis": "...", "mistake_analysis": "...", "golden_workflow": "..."}')
 
 
 def _count(stats, k, n=1):
