@@ -1,0 +1,189 @@
+"""End-to-end tests of train.py on the tiny model: every method and ablation, resume, torchrun, distillation."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import envs
+import losses
+import model as M
+import rollout as R
+import skills as S
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--device", "cpu", "--prompts-per-step", "2", "--group-size", "2", "--max-turns", "2",
+        "--max-new-tokens", "6", "--micro-batch", "2", "--eval-n", "2", "--lr", "1e-3"]
+TIMING = {"step_time", "rollout_time", "tokens_per_s", "peak_mem_gb"}
+
+
+def run(tmp, *extra, steps=3):
+    out = str(tmp)
+    train.main(TINY + ["--steps", str(steps), "--out", out, *extra])
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def weights(folder):
+    return M.load(folder)[0].state_dict()
+
+
+def latest(out):
+    return os.path.join(out, open(os.path.join(out, "latest")).read().strip())
+
+
+VARIANTS = {
+    "skill-sd": [],
+    "grpo": ["--method", "grpo"],
+    "opd": ["--method", "opd"],
+    "skill-aug-grpo": ["--method", "skill-aug-grpo"],
+    "frozen-teacher": ["--teacher", "frozen"],
+    "teacher-sync-2": ["--teacher-sync-every", "2"],
+    "off-policy-dynamic": ["--rollout-owner", "teacher"],
+    "off-policy-frozen": ["--rollout-owner", "teacher", "--teacher", "frozen"],
+    "self-summarizer": ["--summarizer", "self"],
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_method_and_ablation_runs(tmp_path, name):
+    out = run(tmp_path, *VARIANTS[name])
+    metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(m["reward"])) for m in metrics)
+    assert "eval_acc" in metrics[-1]
+    assert len(read_jsonl(os.path.join(out, "episodes.jsonl"))) == 3 * 2
+    assert S.SkillBank.load(os.path.join(out, "skills.json")).metrics()["size"] >= 0
+    assert os.path.exists(os.path.join(out, "eval.md")) and os.path.exists(os.path.join(out, "eval.json"))
+    ckpt = latest(out)
+    assert os.path.exists(os.path.join(ckpt, "trainer.pt"))
+    if name in ("skill-sd", "opd", "frozen-teacher"):  # by step 2 the rule summariser has filled the bank
+        assert metrics[-1]["distill_frac"] > 0 and metrics[-1]["loss_sdl"] is not None
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--group-size", "1"], "group-size"),
+    (["--method", "grpo", "--teacher", "frozen"], "only apply"),
+    (["--method", "grpo", "--rollout-owner", "teacher"], "needs a teacher"),
+    (["--summarizer", "bogus"], "summar"),
+    (["--top-p", "0"], "top-p"),
+])
+def test_bad_flags_give_clear_errors(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_unknown_model_and_env_give_clear_errors(tmp_path):
+    for extra, msg in [(["--model", str(tmp_path / "nope")], "error"), (["--env", "chess"], "error")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "o"), *extra])
+        assert msg in str(e.value.code)
+
+
+def test_resume_is_exact(tmp_path):
+    a = run(tmp_path / "a", "--eval-every", "2", steps=4)
+    b = run(tmp_path / "b", "--eval-every", "2", steps=2)
+    run(tmp_path / "b", "--eval-every", "2", "--resume", steps=4)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    ma, mb = read_jsonl(os.path.join(a, "metrics.jsonl")), read_jsonl(os.path.join(b, "metrics.jsonl"))
+    assert len(mb) == 4 and strip(ma) == strip(mb)
+    wa, wb = weights(latest(a)), weights(latest(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_jsonl(os.path.join(a, "episodes.jsonl")) == read_jsonl(os.path.join(b, "episodes.jsonl"))
+
+
+def test_recorded_episodes_rescore_to_their_sampler_logprobs(tmp_path):
+    out = run(tmp_path, "--save-every", "1", "--keep-checkpoints", "10", "--log-episodes", "4")
+    worst = 0.0
+    for ep in read_jsonl(os.path.join(out, "episodes.jsonl")):
+        s = ep["step"]  # sampled by the weights before update s: the initial model, or checkpoint s - 1
+        m = M.load("tiny")[0] if s == 1 else M.load(os.path.join(out, f"ckpt-{s - 1:06d}"))[0]
+        idx = torch.tensor([ep["tokens"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(m(idx)[0, :-1].double(), -1).gather(-1, idx[0, 1:, None])[:, 0]
+        mask = torch.tensor(ep["mask"][1:], dtype=torch.bool)
+        assert mask.any()
+        worst = max(worst, (logp[mask] - torch.tensor(ep["logprobs"][1:], dtype=torch.float64)[mask]).abs().max().item())
+    assert worst <= 1e-4, worst
+
+
+def kl_on_fixed_batch(student, teacher, tok, skill):
+    """Full-vocabulary KL(student under the plain prompt || teacher under the skill prompt) on fixed episodes."""
+    env = envs.make_env("sokoban", max_turns=2)
+    base = M.load("tiny")[0].eval()
+    with torch.no_grad():
+        eps = R.rollout(base, tok, lambda: envs.make_env("sokoban", max_turns=2), envs.task_set("train", 2), 2, 2, 6,
+                        generator=torch.Generator().manual_seed(123))
+    s = R.batch_tensors(eps, tok.pad_token_id, "cpu")
+    t = R.batch_tensors([R.reprompt(e, tok, S.teacher_prompt(skill, env.task_prompt())) for e in eps],
+                        tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        hs = student(s["idx"], return_hidden=True)[s["mask"] > 0]
+        ht = teacher(t["idx"], return_hidden=True)[t["mask"] > 0]
+        return losses.reverse_kl_full(hs, ht, student.head_weight, 256, weight_teacher=teacher.head_weight).mean().item()
+
+
+@pytest.mark.slow
+def test_distillation_reaches_the_student(tmp_path):
+    # The random tiny model is nearly uniform, so a skill prompt barely moves it (KL ~1e-5, below Adam's noise
+    # floor). Sharpening its weights x8 makes the teacher's skill prompt matter (KL ~0.27 nats/token).
+    m, tok = M.load("tiny")
+    with torch.no_grad():
+        for q in m.parameters():
+            if q.dim() == 2:
+                q.mul_(8.0)
+    folder = str(tmp_path / "sharp")
+    M.save(m, tok, folder)
+    skill = {"success_analysis": "Pushing the box Right then Up solved it.", "mistake_analysis": "Walls were bumped.",
+             "golden_workflow": "<action>Right || Up</action>"}
+    path = tmp_path / "skill.json"
+    path.write_text(json.dumps(skill))
+    sk = S.parse_skill(json.dumps(skill))
+    common = ["--model", folder, "--method", "opd", "--teacher", "frozen", "--skill-file", str(path), "--eval-n", "0",
+              "--group-size", "4", "--max-new-tokens", "8", "--micro-batch", "8", "--lr", "3e-4"]
+    teacher = M.load(folder)[0].eval()
+    before = kl_on_fixed_batch(M.load(folder)[0].eval(), teacher, tok, sk)
+    on = run(tmp_path / "on", *common, "--lam", "1", steps=20)
+    off = run(tmp_path / "off", *common, "--lam", "0", steps=20)
+    after_on = kl_on_fixed_batch(M.load(latest(on))[0].eval(), teacher, tok, sk)
+    after_off = kl_on_fixed_batch(M.load(latest(off))[0].eval(), teacher, tok, sk)
+    assert before > 0.05
+    assert after_on < 0.85 * before, (before, after_on)
+    assert abs(after_off - before) <= 1e-6 * max(1.0, before), (before, after_off)
+
+
+DIST = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+model = train.main(sys.argv[1:])
+torch.save(model.state_dict(), sys.argv[sys.argv.index("--out") + 1] + "/rank" + os.environ.get("RANK", "0") + ".pt")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DIST.format(root=ROOT))
+    args = TINY + ["--steps", "2", "--eval-n", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(driver)]
+    r = subprocess.run(cmd + args + ["--out", str(two)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(driver)] + args + ["--out", str(one)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1, w = (torch.load(p / f) for p, f in [(two, "rank0.pt"), (two, "rank1.pt"), (one, "rank0.pt")])
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the replicas never drift apart
+    diff = max((w0[k] - w[k]).abs().max().item() for k in w)
+    assert diff <= 1e-5, diff
+    init = M.load("tiny")[0].state_dict()
+    assert max((w[k] - init[k]).abs().max().item() for k in w) > 1e-4  # and training did move the weights

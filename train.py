@@ -1,0 +1,508 @@
+"""Skill-SD training: GRPO on multi-turn episodes plus skill-conditioned on-policy self-distillation.
+
+    python train.py                                        # embedded default: SmolLM2-135M, Sokoban 6x6, CPU
+    torchrun --nproc_per_node=8 train.py --model Qwen/Qwen3-4B-Instruct-2507 ...   # see README
+
+One step, top to bottom (PAPER.md section 2): draw tasks -> student rollouts under the plain prompt -> group
+advantages -> summarise episodes into skills -> pick a skill per task (UCB) -> teacher log-probs of the student's
+exact tokens under skill + task -> L = L_GRPO + lam * L_SDL over micro-batches, normalised by the global token
+count -> one all-reduce of the gradients -> clip, step -> teacher sync -> log, evaluate, checkpoint.
+
+Deliberate simplifications:
+- One optimizer step per batch of rollouts, so logp_old is the sampler's own fp32 log-prob (the rollout tests pin
+  it to the trainer's recomputation within 1e-4); no PPO epochs, no reference-model KL (the paper has none).
+- Gradient sync is one explicit all-reduce of all gradients after the micro-batches (not DDP): it is one line,
+  needs no no_sync() bookkeeping for gradient accumulation, and a rank with more or fewer micro-batches than
+  the others can never hang a collective. Each rank holds a full replica.
+- Randomness is derived from (seed, step, task group): rollouts do not depend on the number of ranks or on
+  resuming, so `--resume` continues exactly and 2 ranks reproduce a 1-process run.
+- The summariser runs synchronously for the `rule` and `self` backends (deterministic); `openai:` runs in a
+  background thread pool and its skills arrive at a later step.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import envs
+import eval as E
+import losses
+import model as M
+import rollout as R
+import skills as S
+
+METHODS = {  # method -> (GRPO term, SDL term, student prompt carries the skill)
+    "skill-sd": (True, True, False),
+    "grpo": (True, False, False),
+    "opd": (False, True, False),
+    "skill-aug-grpo": (True, False, True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="skill-sd", choices=list(METHODS),
+                   help="skill-sd = GRPO + lam*SDL; grpo; opd = SDL only; skill-aug-grpo = GRPO with the skill in "
+                        "the student's prompt (evaluated without it)")
+    g.add_argument("--lam", type=float, default=0.001, help="weight lambda of the SDL term (paper's best: 0.001)")
+    g.add_argument("--teacher", default="dynamic", choices=["dynamic", "frozen"],
+                   help="dynamic: teacher synced from the student; frozen: teacher keeps the initial weights")
+    g.add_argument("--teacher-sync-every", type=int, default=1,
+                   help="dynamic teacher: copy the student into the teacher every K steps (1 = the current "
+                        "pre-update weights, no extra copy)")
+    g.add_argument("--rollout-owner", default="student", choices=["student", "teacher"],
+                   help="who plays the episodes: the student (plain prompt) or the skill-conditioned teacher "
+                        "(the paper's off-policy ablation)")
+    g.add_argument("--eps-low", type=float, default=0.2, help="GRPO lower clip: ratio >= 1 - eps_low")
+    g.add_argument("--eps-high", type=float, default=0.28, help="GRPO upper clip: ratio <= 1 + eps_high")
+    g.add_argument("--summarizer", default="rule",
+                   help="skill summariser: rule (deterministic, offline), self (the policy), or openai:BASE_URL "
+                        "(model from --summarizer-model, key from $OPENAI_API_KEY)")
+    g.add_argument("--summarizer-model", default=None, help="model name for an openai: summariser")
+    g.add_argument("--skill-file", default=None,
+                   help="a JSON skill (success_analysis, mistake_analysis, golden_workflow) used for every task "
+                        "instead of the learned bank (static skills)")
+    g.add_argument("--ucb-c", type=float, default=0.5, help="UCB exploration constant (units of the arm reward)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--steps", type=int, default=12, help="training steps")
+    g.add_argument("--prompts-per-step", type=int, default=2, help="tasks per step, all ranks together")
+    g.add_argument("--group-size", type=int, default=4, help="episodes per task (GRPO group), >= 2")
+    g.add_argument("--micro-batch", type=int, default=4, help="episodes per forward/backward")
+    g.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the fused log-prob kernel")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--env", default="sokoban", help="environment (envs.make_env): sokoban, sokoban-8x8-2, appworld")
+    g.add_argument("--max-turns", type=int, default=5, help="turns per episode")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="token budget per model turn")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for training rollouts")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    g.add_argument("--max-len", type=int, default=None, help="context limit per episode (default: the model's)")
+    g = p.add_argument_group("run")
+    g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
+    g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-n", type=int, default=32, help="evaluation puzzles (first n of the fixed eval set)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
+    g.add_argument("--log-episodes", type=int, default=2, help="episodes per step written to episodes.jsonl")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+
+    grpo, sdl, _ = METHODS[args.method]
+    teacher_flags = args.teacher != "dynamic" or args.teacher_sync_every != 1 or args.rollout_owner != "student"
+    if teacher_flags and not sdl and args.rollout_owner == "student":
+        p.error(f"--teacher / --teacher-sync-every only apply to methods with a teacher (skill-sd, opd), "
+                f"not --method {args.method}")
+    if args.rollout_owner == "teacher" and not sdl:
+        p.error("--rollout-owner teacher needs a teacher: use --method skill-sd or opd")
+    checks = [(args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
+              (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1, "counts must be positive"),
+              (args.teacher_sync_every >= 1, "--teacher-sync-every must be >= 1"),
+              (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
+              (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature >= 0 and 0 < --top-p <= 1"),
+              (0 <= args.eps_low < 1 and args.eps_high >= 0, "0 <= --eps-low < 1 and --eps-high >= 0"),
+              (args.max_turns >= 1 and args.max_new_tokens >= 1, "--max-turns and --max-new-tokens must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+    try:
+        S.check_backend(args.summarizer, complete=(lambda x: x), model=args.summarizer_model)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------
+# distributed helpers: plain `python train.py` is one process; torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+
+def setup_dist(args):
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(args.device)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather(obj, world):
+    """Every rank's obj, in rank order (all ranks get the same list)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def allreduce_grads(model, world):
+    """Sum the gradients over ranks in one flat buffer (the loss is already divided by the global token count)."""
+    if world == 1:
+        return
+    params = [q for q in model.parameters() if q.requires_grad]
+    flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in params])
+    dist.all_reduce(flat)
+    i = 0
+    for q in params:
+        q.grad = flat[i:i + q.numel()].view_as(q).clone()
+        i += q.numel()
+
+
+def step_rng(seed, step, group):
+    """A generator for one task group's rollouts: depends on (seed, step, global group index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + group)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pieces of a step
+
+def episode_dict(ep, env_name, task_prompt):
+    """The plain record the summariser sees (no tensors)."""
+    return {"task_id": ep.task_id, "env": env_name, "task": task_prompt + "\n\n" + (ep.observations[0] if ep.observations else ""),
+            "turns": [{"response": r, "observation": o} for r, o in zip(ep.responses, ep.observations[1:] + [""])],
+            "reward": ep.reward, "success": ep.success,
+            "facts": envs.sokoban_facts(ep.history) if env_name.startswith("sokoban") else None}
+
+
+@torch.no_grad()
+def teacher_logp(teacher, eps, pad_id, device, chunk):
+    """Teacher log-probs of each episode's sampled tokens, flattened row-major over its mask (no grad)."""
+    b = R.batch_tensors(eps, pad_id, device)
+    sel = b["mask"] > 0
+    with M.autocast(device):
+        h = teacher(b["idx"], return_hidden=True)  # (B, T, C)
+    return losses.token_logprobs(h[sel].float(), teacher.head_weight.float(), b["tgt"][sel], chunk)  # (N,)
+
+
+def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args):
+    """Atomic: everything goes into ckpt-STEP.tmp, which is renamed, then `latest` is replaced."""
+    name = f"ckpt-{step:06d}"
+    tmp = os.path.join(out, name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save(model, tok, tmp)
+    state = {"step": step, "optimizer": opt.state_dict(), "args": vars(args),
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+             "teacher": teacher.state_dict() if teacher is not None and args.teacher == "dynamic" else None,
+             "summarizer": dict(summarizer_stats)}
+    torch.save(state, os.path.join(tmp, "trainer.pt"))
+    bank.save(os.path.join(tmp, "skills.json"))
+    final = os.path.join(out, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    old = sorted(d for d in os.listdir(out) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+    for d in old[:-args.keep_checkpoints]:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+
+def truncate_jsonl(path, last_step):
+    """On resume, drop lines logged after the checkpoint (a crash between logging and checkpointing)."""
+    if not os.path.exists(path):
+        return
+    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def run_eval(model, tok, args, rank, world, device, step):
+    seeds = envs.task_set("eval", args.eval_n)
+    model.eval()
+    with torch.no_grad(), M.autocast(device):
+        mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_turns, args.max_new_tokens,
+                          temperature=0.0, seed=args.seed, progress=False)
+    model.train()
+    results = sorted(sum(gather(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
+    summary = E.summarize(results)
+    if rank == 0:
+        E.write_report(args.out, f"{args.model} @ step {step} ({args.method})", results, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_dist(args)
+    if args.prompts_per_step % world:
+        sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) must be divisible by the number of "
+                 f"processes ({world}): a task group never spans ranks")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    use_grpo, use_sdl, skill_in_student = METHODS[args.method]
+
+    try:
+        model, tok = M.load(args.model, device=device)
+        make_env = lambda: envs.make_env(args.env, max_turns=args.max_turns)  # noqa: E731
+        task_prompt = make_env().task_prompt()
+        train_seeds = envs.task_set("train")
+        if args.eval_n > 0:
+            envs.task_set("eval", args.eval_n)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    model.train()
+    pad_id = tok.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    # The teacher: the student itself (dynamic, K = 1: the pre-update weights of this step), a copy refreshed
+    # every K steps, or the initial weights (frozen).
+    teacher = None
+    if use_sdl and (args.teacher == "frozen" or args.teacher_sync_every > 1):
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    fixed_skill = None
+    if args.skill_file:
+        try:
+            fixed_skill = S.parse_skill(open(args.skill_file).read())
+        except OSError as e:
+            sys.exit(f"error: cannot read --skill-file: {e}")
+        if fixed_skill is None:
+            sys.exit(f"error: {args.skill_file} holds no skill JSON with success_analysis, mistake_analysis, "
+                     f"golden_workflow")
+    bank = S.SkillBank(c=args.ucb_c, seed=args.seed)
+
+    def complete(prompts):  # the `self` summariser: the policy answers greedily
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                 for q in prompts]
+        with torch.no_grad(), M.autocast(device):
+            return R.generate(model, tok, texts, max_new_tokens=256, temperature=0.0)
+    summarizer = S.AsyncSummarizer(args.summarizer, complete=complete, sync=not args.summarizer.startswith("openai:"),
+                                   model=args.summarizer_model)
+
+    start = 0
+    os.makedirs(args.out, exist_ok=True)
+    if args.resume:
+        latest = os.path.join(args.out, "latest")
+        if not os.path.exists(latest):
+            sys.exit(f"error: --resume but no checkpoint in {args.out} (no 'latest' file)")
+        ckpt = os.path.join(args.out, open(latest).read().strip())
+        model.load_state_dict(M.load(ckpt, device=device)[0].state_dict())
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["teacher"] is not None and teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        bank = S.SkillBank.load(os.path.join(ckpt, "skills.json"))
+        summarizer.stats.update(state["summarizer"])
+        start = state["step"]
+        if rank == 0:
+            for f in ("metrics.jsonl", "episodes.jsonl"):
+                truncate_jsonl(os.path.join(args.out, f), start)
+    if rank == 0:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        print(f"{args.method} | model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params)"
+              f" | {args.env} | {world} process(es) on {device} | out {args.out}", flush=True)
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
+               disable=rank != 0, dynamic_ncols=True)
+    P_local = args.prompts_per_step // world
+    for step in bar:
+        t0 = time.time()
+        # ---- tasks: the same permutation on every rank; rank r takes its own groups
+        order = np.random.default_rng(args.seed * 7919 + step).permutation(len(train_seeds))
+        groups = list(range(rank * P_local, (rank + 1) * P_local))  # global group indices of this rank
+        seeds = [train_seeds[order[(step * args.prompts_per_step + g) % len(train_seeds)]] for g in groups]
+        picked = [fixed_skill or bank.select(s) for s in seeds]  # (P_local,) Skill or None
+        skill_prompts = [S.teacher_prompt(k, task_prompt) for k in picked]
+
+        # ---- rollouts: one call per group so that sampling depends only on (seed, step, group)
+        owner = (teacher or model) if args.rollout_owner == "teacher" else model
+        owner_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
+        model.eval()
+        eps = []
+        with torch.no_grad(), M.autocast(device):
+            for i, (g, s) in enumerate(zip(groups, seeds)):
+                eps += R.rollout(owner, tok, make_env, [s], args.group_size, args.max_turns, args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, generator=step_rng(args.seed, step, g),
+                                 max_len=args.max_len, system_prompts=[owner_prompts[i]] if owner_prompts else None)
+        model.train()
+        t_roll = time.time() - t0
+        # The student always learns on the plain prompt, except in skill-augmented GRPO.
+        student_eps = [R.reprompt(e, tok, task_prompt) for e in eps] if args.rollout_owner == "teacher" else eps
+        rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32).view(P_local, args.group_size)
+        adv, frac_zero_var = losses.group_advantages(rewards)
+        adv = adv.view(-1).to(device)  # (B,) one advantage per episode
+
+        # ---- summarise this step's episodes; skills finished by now (all ranks') enter every rank's bank
+        summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
+        for new in gather(summarizer.collect(), world):
+            for k in new:
+                bank.add(k)
+
+        # ---- teacher log-probs on skill + task + the student's exact tokens
+        B = len(student_eps)
+        has_skill = torch.tensor([picked[i // args.group_size] is not None for i in range(B)], device=device)
+        sdl_rows = [i for i in range(B) if has_skill[i]] if use_sdl else []
+        lt_flat = {}
+        if sdl_rows:
+            t_model = teacher or model
+            t_model.eval()
+            for j in range(0, len(sdl_rows), args.micro_batch):
+                rows = sdl_rows[j:j + args.micro_batch]
+                t_eps = [eps[i] if args.rollout_owner == "teacher" else R.reprompt(eps[i], tok, skill_prompts[i // args.group_size])
+                         for i in rows]
+                vals = teacher_logp(t_model, t_eps, pad_id, device, args.chunk_size)  # (N,) over these rows
+                lt_flat.update(zip(rows, vals.split([sum(student_eps[i].mask) for i in rows])))
+            model.train()
+
+        # ---- loss over micro-batches, normalised by the global number of sampled tokens
+        n_local = sum(sum(e.mask) for e in student_eps)
+        num_tokens = torch.tensor(float(n_local), device=device)
+        if world > 1:
+            dist.all_reduce(num_tokens)
+        num_tokens = num_tokens.item()
+        opt.zero_grad(set_to_none=True)
+        sums = {}
+
+        def acc(metrics, weight):  # token-weighted sums, except maxima
+            for k, v in metrics.items():
+                sums[k] = max(sums.get(k, -math.inf), float(v)) if k.endswith("_max") else sums.get(k, 0.0) + float(v) * weight
+        arm = {}  # group -> list of (adv * mean_t(lt - logp_old))
+        for j in range(0, B, args.micro_batch):
+            rows = list(range(j, min(j + args.micro_batch, B)))
+            b = R.batch_tensors([student_eps[i] for i in rows], pad_id, device)
+            sel = b["mask"] > 0  # (b, T)
+            with M.autocast(device):
+                h = model(b["idx"], return_hidden=True)  # (b, T, C)
+            lp = losses.token_logprobs(h[sel].float(), model.head_weight.float(), b["tgt"][sel], args.chunk_size)
+            logp = torch.zeros(sel.shape, device=device)
+            logp[sel] = lp  # (b, T) grid, grad flows to the sampled positions
+            n_mb = sel.sum().item()
+            loss = torch.zeros((), device=device)
+            if use_grpo:
+                lg, mg = losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], args.eps_low, args.eps_high,
+                                          num_tokens=num_tokens)
+                loss = loss + lg
+                acc(mg, n_mb)
+                sums["loss_grpo"] = sums.get("loss_grpo", 0.0) + lg.item()
+            if use_sdl:
+                lt = torch.zeros(sel.shape, device=device)
+                dmask = torch.zeros(sel.shape, device=device)
+                for r, i in enumerate(rows):
+                    if i in lt_flat:
+                        lt[r, sel[r]] = lt_flat[i].to(device)
+                        dmask[r] = b["mask"][r]
+                        gap = (lt[r, sel[r]] - b["logp_old"][r, sel[r]]).mean().item()
+                        arm.setdefault(i // args.group_size, []).append(adv[i].item() * gap)
+                ls, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
+                loss = loss + args.lam * ls
+                n_d = dmask.sum().item()
+                if n_d:
+                    acc(ms, n_d)
+                    sums["n_distill"] = sums.get("n_distill", 0.0) + n_d
+                    sums["gap_sum"] = sums.get("gap_sum", 0.0) + ((lt - logp.detach()) * dmask).sum().item()
+                sums["loss_sdl"] = sums.get("loss_sdl", 0.0) + ls.item()
+            if loss.requires_grad:
+                loss.backward()
+            with torch.no_grad():
+                ent = losses.token_entropy(h[sel].detach().float(), model.head_weight.detach().float(), args.chunk_size)
+                sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + ent.sum().item()
+
+        # ---- one gradient all-reduce, clip, step (a non-finite norm skips the step on every rank alike)
+        allreduce_grads(model, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        skipped = not math.isfinite(gnorm.item())
+        if skipped:
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        if teacher is not None and args.teacher == "dynamic" and (step + 1) % args.teacher_sync_every == 0:
+            teacher.load_state_dict(model.state_dict())
+
+        # ---- UCB: arm reward of each used skill, applied on every rank in rank order
+        updates = [(picked[g].uid, sum(v) / len(v)) for g, v in sorted(arm.items())
+                   if picked[g] is not None and fixed_skill is None]
+        for ups in gather(updates, world):
+            for uid, r in ups:
+                if uid in bank.skills and math.isfinite(r):
+                    bank.update(bank.skills[uid], r)
+
+        # ---- metrics: local sums -> global
+        n_tok = max(n_local, 1)
+        nd = sums.get("n_distill", 0.0)
+        local = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
+                 "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
+                 "entropy": sums.get("entropy_sum", 0.0) / n_tok, "distill_frac": float(has_skill.float().mean()) if use_sdl else 0.0,
+                 "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
+        for k in ("clip_frac", "ratio_mean"):
+            if k in sums:
+                local[k] = sums[k] / n_tok
+        for k in ("l_mean", "rho_mean", "k3_mean"):
+            if k in sums and nd:
+                local[k] = sums[k] / nd
+        if nd:
+            local["gap"] = sums["gap_sum"] / nd
+        summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
+                  "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
+        maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
+        allm = gather((local, summed, maxed), world)
+        m = {"step": step + 1}
+        for k in local:
+            vals = [a[0][k] for a in allm if k in a[0]]
+            m[k] = sum(vals) / len(vals)
+        for k, v in summed.items():
+            m[k] = None if v is None else sum(a[1][k] for a in allm)
+        for k in maxed:
+            m[k] = max(a[2][k] for a in allm)
+        dt = time.time() - t0
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "step_time": dt,
+                  "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt,
+                  "peak_mem_gb": peak / 2**30, "skills": {k: v for k, v in bank.metrics().items()},
+                  "summarizer": dict(summarizer.stats)})
+
+        # ---- evaluate, log, checkpoint
+        last = step + 1 == args.steps
+        if args.eval_n > 0 and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            ev = run_eval(model, tok, args, rank, world, device, step + 1)
+            m.update({"eval_acc": ev["acc"], "eval_comp": ev["comp"], "eval_invalid": ev.get("invalid_rate")})
+        if rank == 0:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(m) + "\n")
+            with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
+                for i, e in enumerate(eps[:args.log_episodes]):
+                    f.write(json.dumps({"step": step + 1, "task_id": e.task_id, "reward": e.reward, "success": e.success,
+                                        "skill": None if picked[i // args.group_size] is None else picked[i // args.group_size].golden_workflow,
+                                        "responses": e.responses, "observations": e.observations,
+                                        "tokens": student_eps[i].tokens, "mask": student_eps[i].mask,
+                                        "logprobs": student_eps[i].logprobs}) + "\n")
+            bank.save(os.path.join(args.out, "skills.json"))
+            if last or (args.save_every and (step + 1) % args.save_every == 0):
+                save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, summarizer.stats, args)
+            bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
+        if world > 1:
+            dist.barrier()
+
+    summarizer.close(drain=False)
+    if rank == 0 and args.eval_n > 0 and os.path.exists(os.path.join(args.out, "eval.md")):
+        print(open(os.path.join(args.out, "eval.md")).read())
+    if world > 1:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
