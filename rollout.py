@@ -126,11 +126,17 @@ def sample(logits, temperature=1.0, top_p=1.0, generator=None):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)  # (B, V)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    p_sorted, order = probs.sort(-1, descending=True)
-    p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p, 0.0)  # mass before token >= top_p
-    return order.gather(-1, torch.multinomial(p_sorted, 1, generator=generator)).squeeze(-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass before token >= top_p
+    # inverse-CDF draw with one uniform per row from `generator` wherever it lives: a CPU generator can drive
+    # CUDA sampling (train.py seeds per group on the CPU). u in (0, 1] and side "left" never pick a 0-prob token.
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator,
+                         device=generator.device if generator is not None else probs.device)
+    cdf = probs.cumsum(-1)  # (B, V)
+    tok = torch.searchsorted(cdf, u.to(probs.device) * cdf[:, -1:]).clamp_(max=probs.shape[1] - 1).squeeze(1)
+    return tok if order is None else order.gather(-1, tok[:, None]).squeeze(1)
 
 
 def _forward_last(model, cache, idx, valid):

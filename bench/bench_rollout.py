@@ -1,0 +1,109 @@
+"""Our KV-cache sampler (rollout.py) versus transformers' generate, same weights, same CPU, one process.
+
+(a) multi-turn: P=2 Sokoban levels x G=4 samples x 8 turns. Ours: rollout() (prompts prefilled once, cache kept
+    across turns, observations appended as blocks). Baseline: each turn re-render every conversation with the
+    chat template, re-tokenize it, and call HF generate on the left-padded batch (what a naive agent loop does).
+(b) single-turn: B=16 chat prompts, 64 new tokens, greedy. Ours: generate(). Baseline: HF generate (KV cache).
+Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
+the same whatever gets sampled. Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import envs  # noqa: E402
+import model as M  # noqa: E402
+import rollout as R  # noqa: E402
+
+P, G, TURNS = 2, 4, 8
+
+
+def make_env():
+    return envs.Sokoban(dim=(6, 6), num_boxes=1, max_turns=TURNS)
+
+
+def hf_multi_turn(hf, tok, seeds, new_tokens, generator_seed):
+    """The naive loop: the whole chat is re-rendered and re-tokenized every turn."""
+    torch.manual_seed(generator_seed)
+    envs_ = [make_env() for _ in range(len(seeds) * G)]
+    chats = []
+    for i, env in enumerate(envs_):
+        obs = env.reset(seeds[i // G])
+        chats.append([{"role": "system", "content": env.task_prompt()}, {"role": "user", "content": obs}])
+    done = [False] * len(envs_)
+    for _ in range(TURNS):
+        live = [i for i in range(len(envs_)) if not done[i]]
+        if not live:
+            break
+        texts = [tok.apply_chat_template(chats[i], tokenize=False, add_generation_prompt=True) for i in live]
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        out = hf.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        replies = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, reply in zip(live, replies):
+            obs, _, done[i], _ = envs_[i].step(reply)
+            chats[i] += [{"role": "assistant", "content": reply}, {"role": "user", "content": obs}]
+    return len(envs_)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def bench(name, new_tokens):
+    model, tok = M.load(name)
+    model.eval()
+    with tempfile.TemporaryDirectory() as d:  # the very same weights for transformers
+        folder = M.smollm2_folder() if name == "smollm2-135m" else d
+        if name != "smollm2-135m":
+            M.save(model, tok, d)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seeds = envs.task_set("eval", P)
+    # warm up both sides (first-call allocations, kernel selection)
+    R.generate(model, tok, ["hi"], 2)
+    hf.generate(**tok(["hi"], return_tensors="pt"), max_new_tokens=2, pad_token_id=tok.pad_token_id)
+
+    g = torch.Generator().manual_seed(0)
+    eps, t_ours = timed(lambda: R.rollout(model, tok, make_env, seeds, G, TURNS, new_tokens, generator=g,
+                                          min_new_tokens=new_tokens))
+    n, t_hf = timed(lambda: hf_multi_turn(hf, tok, seeds, new_tokens, 0))
+    turns = sum(len(ep.turn_spans) for ep in eps)
+    print(f"[{name}] (a) multi-turn P={P} G={G} {TURNS} turns, {new_tokens} new tokens/turn, "
+          f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
+          f"ours {len(eps) / t_ours:.3f} ep/s ({t_ours:.1f} s), HF generate loop {n / t_hf:.3f} ep/s "
+          f"({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x (goal >= 3x)", flush=True)
+
+    questions = ["What is the capital of France?", "Name a prime number.", "Explain gravity briefly.",
+                 "Write a haiku about the sea.", "What is 2 + 3?", "Describe Sokoban in one sentence.",
+                 "Give three colours.", "Why is the sky blue?"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q * (1 + i // 8)}], tokenize=False,
+                                       add_generation_prompt=True) for i, q in enumerate(questions * 2)]
+    B, N = len(prompts), 64
+    _, t_ours = timed(lambda: R.generate(model, tok, prompts, N, min_new_tokens=N))
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    out, t_hf = timed(lambda: hf.generate(**enc, do_sample=False, max_new_tokens=N, min_new_tokens=N,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    assert out.shape[1] - enc["input_ids"].shape[1] == N
+    print(f"[{name}] (b) single-turn B={B}, {N} new tokens, greedy: ours {B * N / t_ours:.1f} tok/s "
+          f"({t_ours:.2f} s), HF generate {B * N / t_hf:.1f} tok/s ({t_hf:.2f} s) -> ratio {t_hf / t_ours:.2f}x "
+          f"(goal >= 1.0x, stretch 1.3x)", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m,tiny", help="comma-separated model names (default: both)")
+    ap.add_argument("--new-tokens", type=int, default=24, help="tokens sampled per turn in (a) (default 24)")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.models.split(","):
+        bench(name, args.new_tokens)
