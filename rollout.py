@@ -293,10 +293,10 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
             keep.append(r)
             obs_ids.append(tail)
             blocks.append(ids[-1:] * out["unwritten"][r] + tail)
-        if len(keep) < len(rows):
-            cache.select(keep)  # finished episodes leave the batch
         if not keep:
             break
+        if len(keep) < len(rows):
+            cache.select(keep)  # finished episodes leave the batch: no more compute, their columns compacted
         if cache.cursor + max(map(len, blocks)) >= cache.max_len:  # no room for the observation + one token
             for r in keep:
                 eps[rows[r]].truncated = True
