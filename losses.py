@@ -171,7 +171,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def token_logprobs(hidden, weight, targets, chunk_size=1024):
     """log softmax(hidden @ weight.T)[n, targets[n]] -> (N,) in fp32 (fp64 for fp64 inputs), chunked over rows;
-    the backward recomputes each chunk's logits instead of storing them. Grads come back in the input dtypes."""
+    the backward recomputes each chunk's logits instead of storing them. Grads come back in the input dtypes.
+    chunk_size=1024: at N=8192, C=1024, V=49k / 152k (fp32, CPU) bench/bench_losses.py measured a peak of 9-10%
+    of the naive path at 0.9-1.2x its wall time; peak ~ (chunk_size + C) * V * 4 bytes vs ~3 * N * V * 4 naive."""
     _check_kernel(hidden, weight, chunk_size, targets=targets)
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size)
 
