@@ -71,7 +71,7 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg):
     D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device="cpu") / D))  # (D/2,)
     rs = cfg.rope_scaling
     if rs and rs.get("rope_type", rs.get("type")) == "llama3":
         # Llama 3.1: stretch low frequencies by `factor`, keep high ones, interpolate smoothly in between
@@ -156,7 +156,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (D/2,)
+        # a plain attribute, not a buffer: model.to(torch.bfloat16) must not round the RoPE frequencies
+        self.inv_freq = rope_inv_freq(cfg)  # (D/2,) fp32, moved to the input's device on first use
 
     @property
     def head_weight(self):
@@ -179,7 +180,9 @@ class Transformer(nn.Module):
             eye = torch.eye(W, dtype=torch.bool, device=idx.device)
             # padding keys are hidden; the diagonal stays open so padding queries never see an empty row (NaN)
             mask = ((causal & valid[:, None, None, :]) | eye)  # (B, 1, W, W)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, W, D/2), fp32 even under autocast
+        if self.inv_freq.device != idx.device:
+            self.inv_freq = self.inv_freq.to(idx.device)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, W, D/2), fp32 even in a bf16 model
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, W, D)
         x = self.tok_emb(idx)  # (B, W, C)
         dev = idx.device.type  # rotate q, k in the dtype the projections produce (bf16 under autocast)
@@ -305,7 +308,6 @@ def tiny(seed=0):
     with torch.device("meta"):  # no init work, no global RNG use
         model = Transformer(cfg)
     model.to_empty(device="cpu")
-    model.inv_freq = rope_inv_freq(cfg)
     init_weights(model, seed)
     return model, tok
 
@@ -349,7 +351,7 @@ def smollm2_folder():
 
 
 def from_hf_state(d, state):
-    """Our Transformer from a config.json dict and an HF-named state dict (tensors are reused, not copied)."""
+    """Our Transformer from a config.json dict and an HF-named state dict (q/k/v and gate/up get concatenated)."""
     cfg = config_from_hf(d)
     names = hf_names(cfg)
     missing = [t for theirs in names.values() for t, _ in theirs if t not in state]
@@ -361,7 +363,6 @@ def from_hf_state(d, state):
     sd = {ours: torch.cat([state.pop(t) for t, _ in theirs]) if len(theirs) > 1 else state.pop(theirs[0][0])
           for ours, theirs in names.items()}
     model.load_state_dict(sd, assign=True)
-    model.inv_freq = rope_inv_freq(cfg)
     return model
 
 

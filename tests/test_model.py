@@ -232,3 +232,12 @@ def test_smollm2_matches_transformers_and_answers():
             x = torch.tensor([[nxt]])
     answer = tok.decode(out)
     assert "Paris" in answer, answer
+
+
+def test_bf16_model_keeps_fp32_rope():
+    m, _ = M.load("tiny", dtype=torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and m.head_weight.dtype == torch.bfloat16
+    idx = torch.randint(0, 256, (1, 8))
+    out = m(idx)
+    assert out.dtype == torch.float32
+    assert (out - M.load("tiny")[0](idx)).abs().max() < 0.1  # bf16 rounding only
