@@ -204,6 +204,7 @@ FORMAT_EXAMPLE = "<action>Left || Up</action>"
 _TAG = re.compile(r"<(action|answer)>(.*?)(?:</\1>|$)", re.S | re.I)
 _SEP = re.compile(r"[\s|,;]+")
 _NAMES = {n.lower(): n for n in ACTION_NAMES}
+_WORD = re.compile(r"\b(up|down|left|right)\b", re.I)
 
 
 def render(room_fixed, room_state):
@@ -213,17 +214,21 @@ def render(room_fixed, room_state):
     return "\n".join(rows)
 
 
-def parse_actions(text):
+def parse_actions(text, lenient=False):
     """'<action>Up || left</action>' (or <answer>, or bare 'Up || Left') -> ['Up', 'Left']; None if any word
-    is not a move or there is none. The first tag wins; a missing closing tag is tolerated."""
+    is not a move or there is none. The first tag wins; a missing closing tag is tolerated.
+    lenient=True (for very small models that cannot keep the format): when the strict reading fails, the move
+    words found anywhere in the text, in order ("press the up arrow, then left" -> ['Up', 'Left'])."""
     if not isinstance(text, str):
         return None
     m = _TAG.search(text)
     body = m.group(2) if m else text
     names = [_NAMES.get(w.strip(".!:'\"`*()[]").lower()) for w in _SEP.split(body) if w]
-    if not names or None in names:
-        return None
-    return names
+    if names and None not in names:
+        return names
+    if lenient:
+        return [_NAMES[w.lower()] for w in _WORD.findall(text)] or None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,9 +238,12 @@ class Sokoban:
     STEP_PENALTY, BOX_ON, BOX_OFF, FINISHED = -0.1, 1, -1, 10  # gym-sokoban's constants (same types)
 
     def __init__(self, dim=(6, 6), num_boxes=1, max_turns=5, max_actions_per_turn=3, reward="completion",
-                 search_depth=30, format_penalty=None):
+                 search_depth=30, format_penalty=None, parse="strict"):
         if reward not in ("completion", "shaped"):
             raise ValueError(f"reward must be 'completion' or 'shaped', got {reward!r}")
+        if parse not in ("strict", "lenient"):
+            raise ValueError(f"parse must be 'strict' or 'lenient', got {parse!r}")
+        self.lenient = parse == "lenient"
         if max_turns < 1 or max_actions_per_turn < 1:
             raise ValueError("max_turns and max_actions_per_turn must be >= 1")
         self.dim, self.num_boxes, self.search_depth = tuple(dim), num_boxes, search_depth
@@ -308,7 +316,7 @@ class Sokoban:
         if self.done:
             raise RuntimeError("the episode is done: call reset() to start a new one")
         self.turn += 1
-        names = parse_actions(text)
+        names = parse_actions(text, self.lenient)
         start = self._snapshot()
         moved, rewards, states, ignored = [], [], [], 0
         if names is not None:

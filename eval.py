@@ -23,11 +23,13 @@ import model as M
 import rollout as R
 
 
-def evaluate(model, tokenizer, env_name, seeds, max_turns, max_new_tokens, temperature=0.0, batch_size=16,
+def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temperature=0.0, batch_size=16,
              seed=0, progress=False):
-    """Play each seed once (plain prompt). Returns one plain dict per puzzle, in the order of `seeds`."""
+    """Play each seed once (plain prompt). env_kwargs go to envs.make_env (max_turns, parse, ...).
+    Returns one plain dict per puzzle, in the order of `seeds`."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    make_env = lambda: envs.make_env(env_name, max_turns=max_turns)  # noqa: E731
+    make_env = lambda: envs.make_env(env_name, **env_kwargs)  # noqa: E731
+    max_turns = make_env().max_turns
     chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     if progress:
         from tqdm import tqdm
@@ -139,7 +141,10 @@ def main(argv=None):
     p.add_argument("--env", default="sokoban", help="environment name (envs.make_env); default sokoban (6x6, 1 box)")
     p.add_argument("--n", type=int, default=128, help="number of evaluation puzzles (first n of the fixed set)")
     p.add_argument("--max-turns", type=int, default=5, help="turns per episode")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="token budget per model turn")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="token budget per model turn")
+    p.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
+                   help="Sokoban answer parsing (as in train.py): strict = only <action>..</action>; lenient = "
+                        "also move words anywhere in the text")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=16, help="puzzles played at once")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
@@ -158,10 +163,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.eval()
     with torch.no_grad(), M.autocast(args.device):
-        results = evaluate(model, tok, args.env, seeds, args.max_turns, args.max_new_tokens,
+        kw = {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {})}
+        results = evaluate(model, tok, args.env, seeds, args.max_new_tokens, kw,
                            temperature=args.temperature, batch_size=args.batch_size, progress=True)
     summary = summarize(results)
-    write_report(args.out, args.model, results, summary)
+    write_report(args.out, f"{args.model} ({args.parse} parsing)", results, summary)
     print(markdown_table([(args.model, summary)]))
 
 

@@ -88,6 +88,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("rollouts")
     g.add_argument("--env", default="sokoban", help="environment (envs.make_env): sokoban, sokoban-8x8-2, appworld")
     g.add_argument("--max-turns", type=int, default=5, help="turns per episode")
+    g.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
+                   help="Sokoban answer parsing: strict = only <action>..</action> (the field's format); lenient = "
+                        "also move words anywhere in the text (the default, for the 135M CPU demo model, which "
+                        "cannot keep the format; use strict at scale)")
     g.add_argument("--max-new-tokens", type=int, default=48, help="token budget per model turn")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for training rollouts")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
@@ -165,6 +169,10 @@ def allreduce_grads(model, world):
         i += q.numel()
 
 
+def env_kwargs(args):
+    return {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {})}
+
+
 def step_rng(seed, step, group):
     """A generator for one task group's rollouts: depends on (seed, step, global group index) only."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + group)
@@ -228,13 +236,13 @@ def run_eval(model, tok, args, rank, world, device, step):
     seeds = envs.task_set("eval", args.eval_n)
     model.eval()
     with torch.no_grad(), M.autocast(device):
-        mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_turns, args.max_new_tokens,
+        mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args),
                           temperature=0.0, seed=args.seed, progress=False)
     model.train()
     results = sorted(sum(gather(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
     summary = E.summarize(results)
     if rank == 0:
-        E.write_report(args.out, f"{args.model} @ step {step} ({args.method})", results, summary)
+        E.write_report(args.out, f"{args.model} @ step {step} ({args.method}, {args.parse} parsing)", results, summary)
     return summary
 
 
@@ -253,7 +261,7 @@ def main(argv=None):
 
     try:
         model, tok = M.load(args.model, device=device)
-        make_env = lambda: envs.make_env(args.env, max_turns=args.max_turns)  # noqa: E731
+        make_env = lambda: envs.make_env(args.env, **env_kwargs(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
         train_seeds = envs.task_set("train")
         if args.eval_n > 0:

@@ -404,3 +404,20 @@ def test_appworld_missing_package_gives_clear_error():
         pytest.skip("appworld is installed here")
     with pytest.raises(RuntimeError, match="pip install appworld"):
         envs.make_env("appworld")
+
+
+def test_lenient_parse_reads_move_words_only_when_strict_fails():
+    cases = [("You only press the up arrow, then LEFT.", ["Up", "Left"]),
+             ("The action is #down.", ["Down"]),
+             ("<action>Right || Up</action> then left", ["Right", "Up"]),  # the strict reading wins
+             ("upward leftovers", None),  # whole words only
+             ("no moves here", None)]
+    for text, want in cases:
+        assert envs.parse_actions(text, lenient=True) == want, text
+    assert envs.parse_actions("press the up arrow") is None  # strict by default
+    env = envs.make_env("sokoban", parse="lenient")
+    env.reset(envs.task_set("train", 1)[0])
+    _, _, _, info = env.step("I would go up")
+    assert not info["invalid"] and info["actions"] == 1
+    with pytest.raises(ValueError):
+        envs.make_env("sokoban", parse="loose")
