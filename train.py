@@ -29,11 +29,14 @@ import resource
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import envs
 import eval as E
@@ -85,6 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--group-size", type=int, default=4, help="episodes per task (GRPO group), >= 2")
     g.add_argument("--micro-batch", type=int, default=4, help="episodes per forward/backward")
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the fused log-prob kernel")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over ranks (FSDP2 fully_shard) for models "
+                        "whose training state does not fit replicated; sampling gathers the full weights once")
     g = p.add_argument_group("rollouts")
     g.add_argument("--env", default="sokoban", help="environment (envs.make_env): sokoban, sokoban-8x8-2, appworld")
     g.add_argument("--max-turns", type=int, default=5, help="turns per episode")
@@ -156,9 +162,10 @@ def gather(obj, world):
     return out
 
 
-def allreduce_grads(model, world):
-    """Sum the gradients over ranks in one flat buffer (the loss is already divided by the global token count)."""
-    if world == 1:
+def allreduce_grads(model, world, fsdp):
+    """Sum the gradients over ranks in one flat buffer (the loss is already divided by the global token count).
+    Under FSDP the backward pass has already reduce-scattered them (summed: see `shard`)."""
+    if world == 1 or fsdp:
         return
     params = [q for q in model.parameters() if q.requires_grad]
     flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in params])
@@ -171,6 +178,40 @@ def allreduce_grads(model, world):
 
 def env_kwargs(args):
     return {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {})}
+
+
+def shard(model):
+    """FSDP2: every block is one sharded group, the root (embedding, final norm, head) another. Gradients are
+    summed, not averaged, over ranks, because the loss is already divided by the global token count."""
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+@contextmanager
+def gathered(*models):
+    """Full weights for sampling, scoring and evaluation under FSDP. Ranks decode different numbers of tokens,
+    so the all-gather inside every forward would hang; instead gather once here, run collective-free, reshard.
+    A no-op for replicated models."""
+    mods = [m for model in models if model is not None for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            # blocks free their full weights after forward; the root keeps them, as the fused head reads them
+            m.set_reshard_after_forward(m not in [model for model in models], recurse=False)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def step_rng(seed, step, group):
@@ -199,16 +240,23 @@ def teacher_logp(teacher, eps, pad_id, device, chunk):
     return losses.token_logprobs(h[sel].float(), teacher.head_weight.float(), b["tgt"][sel], chunk)  # (N,)
 
 
-def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args):
-    """Atomic: everything goes into ckpt-STEP.tmp, which is renamed, then `latest` is replaced."""
+def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args, rank):
+    """Atomic: everything goes into ckpt-STEP.tmp, which is renamed, then `latest` is replaced. Every rank calls
+    it (gathering sharded state is collective); rank 0 writes."""
+    weights = get_model_state_dict(model, options=FULL)
+    optim = get_optimizer_state_dict(model, opt, options=FULL)
+    t_weights = get_model_state_dict(teacher, options=FULL) if teacher is not None and args.teacher == "dynamic" else None
+    if rank != 0:
+        return
     name = f"ckpt-{step:06d}"
     tmp = os.path.join(out, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    M.save(model, tok, tmp)
-    state = {"step": step, "optimizer": opt.state_dict(), "args": vars(args),
+    plain = M.Transformer(model.config)
+    plain.load_state_dict(weights)
+    M.save(plain, tok, tmp)
+    state = {"step": step, "optimizer": optim, "args": vars(args),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-             "teacher": teacher.state_dict() if teacher is not None and args.teacher == "dynamic" else None,
-             "summarizer": dict(summarizer_stats)}
+             "teacher": t_weights, "summarizer": dict(summarizer_stats)}
     torch.save(state, os.path.join(tmp, "trainer.pt"))
     bank.save(os.path.join(tmp, "skills.json"))
     final = os.path.join(out, name)
@@ -235,7 +283,7 @@ def truncate_jsonl(path, last_step):
 def run_eval(model, tok, args, rank, world, device, step):
     seeds = envs.task_set("eval", args.eval_n)
     model.eval()
-    with torch.no_grad(), M.autocast(device):
+    with torch.no_grad(), M.autocast(device), gathered(model):
         mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args),
                           temperature=0.0, seed=args.seed, progress=False)
     model.train()
@@ -270,12 +318,14 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.train()
     pad_id = tok.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     # The teacher: the student itself (dynamic, K = 1: the pre-update weights of this step), a copy refreshed
     # every K steps, or the initial weights (frozen).
     teacher = None
     if use_sdl and (args.teacher == "frozen" or args.teacher_sync_every > 1):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.fsdp:
+        model, teacher = shard(model), teacher and shard(teacher)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     fixed_skill = None
     if args.skill_file:
         try:
@@ -302,14 +352,14 @@ def main(argv=None):
         if not os.path.exists(latest):
             sys.exit(f"error: --resume but no checkpoint in {args.out} (no 'latest' file)")
         ckpt = os.path.join(args.out, open(latest).read().strip())
-        model.load_state_dict(M.load(ckpt, device=device)[0].state_dict())
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location=device, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+        set_model_state_dict(model, M.load(ckpt, device=device)[0].state_dict(), options=FULL)
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=FULL)
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["teacher"] is not None and teacher is not None:
-            teacher.load_state_dict(state["teacher"])
+            set_model_state_dict(teacher, state["teacher"], options=FULL)
         bank = S.SkillBank.load(os.path.join(ckpt, "skills.json"))
         summarizer.stats.update(state["summarizer"])
         start = state["step"]
@@ -335,45 +385,47 @@ def main(argv=None):
         picked = [fixed_skill or bank.select(s) for s in seeds]  # (P_local,) Skill or None
         skill_prompts = [S.teacher_prompt(k, task_prompt) for k in picked]
 
-        # ---- rollouts: one call per group so that sampling depends only on (seed, step, group)
-        owner = (teacher or model) if args.rollout_owner == "teacher" else model
-        owner_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
-        model.eval()
-        eps = []
-        with torch.no_grad(), M.autocast(device):
-            for i, (g, s) in enumerate(zip(groups, seeds)):
-                eps += R.rollout(owner, tok, make_env, [s], args.group_size, args.max_turns, args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, generator=step_rng(args.seed, step, g),
-                                 max_len=args.max_len, system_prompts=[owner_prompts[i]] if owner_prompts else None)
-        model.train()
-        t_roll = time.time() - t0
-        # The student always learns on the plain prompt, except in skill-augmented GRPO.
-        student_eps = [R.reprompt(e, tok, task_prompt) for e in eps] if args.rollout_owner == "teacher" else eps
-        rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32).view(P_local, args.group_size)
-        adv, frac_zero_var = losses.group_advantages(rewards)
-        adv = adv.view(-1).to(device)  # (B,) one advantage per episode
-
-        # ---- summarise this step's episodes; skills finished by now (all ranks') enter every rank's bank
-        summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
-        for new in gather(summarizer.collect(), world):
-            for k in new:
-                bank.add(k)
-
-        # ---- teacher log-probs on skill + task + the student's exact tokens
-        B = len(student_eps)
-        has_skill = torch.tensor([picked[i // args.group_size] is not None for i in range(B)], device=device)
-        sdl_rows = [i for i in range(B) if has_skill[i]] if use_sdl else []
-        lt_flat = {}
-        if sdl_rows:
-            t_model = teacher or model
-            t_model.eval()
-            for j in range(0, len(sdl_rows), args.micro_batch):
-                rows = sdl_rows[j:j + args.micro_batch]
-                t_eps = [eps[i] if args.rollout_owner == "teacher" else R.reprompt(eps[i], tok, skill_prompts[i // args.group_size])
-                         for i in rows]
-                vals = teacher_logp(t_model, t_eps, pad_id, device, args.chunk_size)  # (N,) over these rows
-                lt_flat.update(zip(rows, vals.split([sum(student_eps[i].mask) for i in rows])))
+        # Sampling, summarising and teacher scoring run on full weights (a no-op unless --fsdp)
+        with gathered(model, teacher):
+            # ---- rollouts: one call per group so that sampling depends only on (seed, step, group)
+            owner = (teacher or model) if args.rollout_owner == "teacher" else model
+            owner_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
+            model.eval()
+            eps = []
+            with torch.no_grad(), M.autocast(device):
+                for i, (g, s) in enumerate(zip(groups, seeds)):
+                    eps += R.rollout(owner, tok, make_env, [s], args.group_size, args.max_turns, args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, generator=step_rng(args.seed, step, g),
+                                     max_len=args.max_len, system_prompts=[owner_prompts[i]] if owner_prompts else None)
             model.train()
+            t_roll = time.time() - t0
+            # The student always learns on the plain prompt, except in skill-augmented GRPO.
+            student_eps = [R.reprompt(e, tok, task_prompt) for e in eps] if args.rollout_owner == "teacher" else eps
+            rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32).view(P_local, args.group_size)
+            adv, frac_zero_var = losses.group_advantages(rewards)
+            adv = adv.view(-1).to(device)  # (B,) one advantage per episode
+
+            # ---- summarise this step's episodes; skills finished by now (all ranks') enter every rank's bank
+            summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
+            for new in gather(summarizer.collect(), world):
+                for k in new:
+                    bank.add(k)
+
+            # ---- teacher log-probs on skill + task + the student's exact tokens
+            B = len(student_eps)
+            has_skill = torch.tensor([picked[i // args.group_size] is not None for i in range(B)], device=device)
+            sdl_rows = [i for i in range(B) if has_skill[i]] if use_sdl else []
+            lt_flat = {}
+            if sdl_rows:
+                t_model = teacher or model
+                t_model.eval()
+                for j in range(0, len(sdl_rows), args.micro_batch):
+                    rows = sdl_rows[j:j + args.micro_batch]
+                    t_eps = [eps[i] if args.rollout_owner == "teacher" else R.reprompt(eps[i], tok, skill_prompts[i // args.group_size])
+                             for i in rows]
+                    vals = teacher_logp(t_model, t_eps, pad_id, device, args.chunk_size)  # (N,) over these rows
+                    lt_flat.update(zip(rows, vals.split([sum(student_eps[i].mask) for i in rows])))
+                model.train()
 
         # ---- loss over micro-batches, normalised by the global number of sampled tokens
         n_local = sum(sum(e.mask) for e in student_eps)
@@ -422,15 +474,15 @@ def main(argv=None):
                     sums["n_distill"] = sums.get("n_distill", 0.0) + n_d
                     sums["gap_sum"] = sums.get("gap_sum", 0.0) + ((lt - logp.detach()) * dmask).sum().item()
                 sums["loss_sdl"] = sums.get("loss_sdl", 0.0) + ls.item()
-            if loss.requires_grad:
-                loss.backward()
-            with torch.no_grad():
+            with torch.no_grad():  # before backward: under FSDP the head is resharded after it
                 ent = losses.token_entropy(h[sel].detach().float(), model.head_weight.detach().float(), args.chunk_size)
                 sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + ent.sum().item()
+            loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 
         # ---- one gradient all-reduce, clip, step (a non-finite norm skips the step on every rank alike)
-        allreduce_grads(model, world)
+        allreduce_grads(model, world, args.fsdp)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
         skipped = not math.isfinite(gnorm.item())
         if skipped:
             opt.zero_grad(set_to_none=True)
@@ -465,7 +517,9 @@ def main(argv=None):
         summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
                   "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
         maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
-        allm = gather((local, summed, maxed), world)
+        counts = {**{k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))},
+                  **{k: bank.counters[k] for k in ("selects", "hits", "fallbacks")}}  # per rank: summed below
+        allm = gather((local, summed, maxed, counts), world)
         m = {"step": step + 1}
         for k in local:
             vals = [a[0][k] for a in allm if k in a[0]]
@@ -479,8 +533,12 @@ def main(argv=None):
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "step_time": dt,
                   "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt,
-                  "peak_mem_gb": peak / 2**30, "skills": {k: v for k, v in bank.metrics().items()},
-                  "summarizer": dict(summarizer.stats)})
+                  "peak_mem_gb": peak / 2**30})
+        total = {k: sum(a[3][k] for a in allm) for k in counts}
+        m["skills"] = {**bank.metrics(), **{k: total[k] for k in ("selects", "hits", "fallbacks")},
+                       "hit_rate": total["hits"] / max(total["selects"], 1),
+                       "fallback_rate": total["fallbacks"] / max(total["selects"], 1)}
+        m["summarizer"] = {k: v for k, v in total.items() if k not in ("selects", "hits", "fallbacks")}
 
         # ---- evaluate, log, checkpoint
         last = step + 1 == args.steps
@@ -498,9 +556,9 @@ def main(argv=None):
                                         "tokens": student_eps[i].tokens, "mask": student_eps[i].mask,
                                         "logprobs": student_eps[i].logprobs}) + "\n")
             bank.save(os.path.join(args.out, "skills.json"))
-            if last or (args.save_every and (step + 1) % args.save_every == 0):
-                save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, summarizer.stats, args)
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
+        if last or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, summarizer.stats, args, rank)
         if world > 1:
             dist.barrier()
 

@@ -164,26 +164,30 @@ import os, sys, torch
 sys.path.insert(0, {root!r})
 import train
 model = train.main(sys.argv[1:])
-torch.save(model.state_dict(), sys.argv[sys.argv.index("--out") + 1] + "/rank" + os.environ.get("RANK", "0") + ".pt")
+if "--fsdp" not in sys.argv:  # a sharded model's weights are checked through its checkpoint
+    torch.save(model.state_dict(), sys.argv[sys.argv.index("--out") + 1] + "/rank" + os.environ.get("RANK", "0") + ".pt")
 """
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """2 gloo ranks, replicated and FSDP-sharded, against one process over the same episodes and seeds."""
     driver = tmp_path / "driver.py"
     driver.write_text(DIST.format(root=ROOT))
     args = TINY + ["--steps", "2", "--eval-n", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two, one = tmp_path / "two", tmp_path / "one"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(driver)]
-    r = subprocess.run(cmd + args + ["--out", str(two)], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, str(driver)] + args + ["--out", str(one)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    w0, w1, w = (torch.load(p / f) for p, f in [(two, "rank0.pt"), (two, "rank1.pt"), (one, "rank0.pt")])
+    runs = {"one": [sys.executable, str(driver)],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(driver)],
+            "fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29532",
+                     str(driver), "--fsdp"]}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + args + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    w0, w1, w = (torch.load(tmp_path / d / f) for d, f in [("two", "rank0.pt"), ("two", "rank1.pt"), ("one", "rank0.pt")])
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the replicas never drift apart
-    diff = max((w0[k] - w[k]).abs().max().item() for k in w)
-    assert diff <= 1e-5, diff
+    assert max((w0[k] - w[k]).abs().max().item() for k in w) <= 1e-5
+    ws = weights(latest(tmp_path / "fsdp"))  # sharded run: the gathered checkpoint rank 0 wrote
+    assert max((ws[k] - w[k]).abs().max().item() for k in w) <= 1e-5
     init = M.load("tiny")[0].state_dict()
     assert max((w[k] - init[k]).abs().max().item() for k in w) > 1e-4  # and training did move the weights
