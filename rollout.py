@@ -177,12 +177,14 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     hit_eos = torch.zeros(B, dtype=torch.bool, device=dev)
     cut = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_new):
-        logp = torch.log_softmax(logits, -1)  # (B, V) raw model: what the trainer recomputes
+        lse = torch.logsumexp(logits, -1)  # (B,) raw model (temperature 1): what the trainer recomputes
+        draw = logits
         if t < min_new:  # forced length (benchmarks): forbid eos for the draw only
-            logits = logits.index_fill(1, torch.tensor([eos_id], device=dev), float("-inf"))
-        tok = torch.where(active, sample(logits, temperature, top_p, generator), pad_id)  # (B,)
+            draw = logits.clone()
+            draw[:, eos_id] = float("-inf")
+        tok = torch.where(active, sample(draw, temperature, top_p, generator), pad_id)  # (B,)
         tok_buf[:, t] = tok
-        logp_buf[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
+        logp_buf[:, t] = logits.gather(1, tok[:, None]).squeeze(1) - lse
         n += active
         stop = active & (tok == eos_id)
         hit_eos |= stop
