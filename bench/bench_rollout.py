@@ -5,7 +5,9 @@
     chat template, re-tokenize it, and call HF generate on the left-padded batch (what a naive agent loop does).
 (b) single-turn: B=16 chat prompts, 64 new tokens, greedy. Ours: generate(). Baseline: HF generate (KV cache).
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
-the same whatever gets sampled. Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny]
+the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
+keeps each side's best. About 4 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it).
+Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts ab] [--threads N]
 """
 import argparse
 import os
@@ -80,14 +82,16 @@ def bench(name, new_tokens, parts):
 
 
 def multi_turn(name, model, tok, hf, seeds, new_tokens):
-    g = torch.Generator().manual_seed(0)
-    eps, t_ours = timed(lambda: R.rollout(model, tok, make_env, seeds, G, TURNS, new_tokens, generator=g,
-                                          min_new_tokens=new_tokens))
+    ours = lambda: R.rollout(model, tok, make_env, seeds, G, TURNS, new_tokens,  # noqa: E731
+                             generator=torch.Generator().manual_seed(0), min_new_tokens=new_tokens)
+    eps, t_before = timed(ours)
     n, t_hf = timed(lambda: hf_multi_turn(hf, tok, seeds, new_tokens, 0))
+    _, t_after = timed(ours)  # ours runs before and after the (long) baseline: a drift in the load cancels
+    t_ours = (t_before + t_after) / 2
     turns = sum(len(ep.turn_spans) for ep in eps)
     print(f"[{name}] (a) multi-turn P={P} G={G} {TURNS} turns, {new_tokens} new tokens/turn, "
           f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
-          f"ours {len(eps) / t_ours:.3f} ep/s ({t_ours:.1f} s), HF generate loop {n / t_hf:.3f} ep/s "
+          f"ours {len(eps) / t_ours:.3f} ep/s ({t_before:.1f} s / {t_after:.1f} s before / after), HF generate loop {n / t_hf:.3f} ep/s "
           f"({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x (goal >= 3x)", flush=True)
 
 
