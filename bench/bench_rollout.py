@@ -6,7 +6,8 @@
 (b) single-turn: B=16 chat prompts, 64 new tokens, greedy. Ours: generate(). Baseline: HF generate (KV cache).
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
 the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
-keeps each side's best. About 4 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it).
+keeps each side's best. About 4 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it); when
+other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
 Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts ab] [--threads N]
 """
 import argparse
