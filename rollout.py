@@ -17,9 +17,11 @@ Deliberate simplifications:
   dropped from the batch at the turn boundary, so they stop costing compute.
 - The cache never grows. When the next block does not fit, every episode still running is cut and flagged
   `truncated` (a cut mid-turn keeps its sampled tokens but is not sent to the env).
-- Log-probs are recorded under the raw model (temperature 1, full vocabulary), i.e. exactly what the trainer
-  recomputes, so on-policy importance ratios are 1. Temperature / top-p / min_new_tokens only change which
-  token is drawn.
+- Log-probs are recorded under the tempered model, log softmax(logits / temperature) over the full vocabulary
+  (the raw model at temperature 0 or 1): the policy that actually drew the tokens, and exactly what the trainer
+  recomputes from hidden / temperature, so on-policy importance ratios are 1 and the SDL estimator stays
+  unbiased. Top-p and min_new_tokens only change which token is drawn (top-p < 1 makes sampling slightly
+  off-policy with respect to the recorded log-probs).
 - Observations are wrapped with pieces of the tokenizer's own chat template (see `template_pieces`), found once
   by rendering sentinel conversations. The appended ids equal what the template renders for the whole
   conversation, except at the prompt/response boundary, where re-tokenizing text could merge tokens
@@ -121,9 +123,10 @@ class Episode:
     history: list = field(default_factory=list)  # env.history
 
 
-def sample(logits, temperature=1.0, top_p=1.0, generator=None):
+def sample(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     """logits (B, V) fp32 -> sampled ids (B,). temperature 0 = greedy; top_p keeps the smallest set of most
-    likely tokens whose mass reaches top_p (always at least one)."""
+    likely tokens whose mass reaches top_p (always at least one). u: optional (B,) uniforms in (0, 1] to use
+    instead of drawing from `generator` (per-row generators, see _uniforms)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)  # (B, V)
@@ -133,8 +136,10 @@ def sample(logits, temperature=1.0, top_p=1.0, generator=None):
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass before token >= top_p
     # inverse-CDF draw with one uniform per row from `generator` wherever it lives: a CPU generator can drive
     # CUDA sampling (train.py seeds per group on the CPU). u in (0, 1] and side "left" never pick a 0-prob token.
-    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator,
-                         device=generator.device if generator is not None else probs.device)
+    if u is None:
+        u = 1.0 - torch.rand(probs.shape[0], generator=generator,
+                             device=generator.device if generator is not None else probs.device)
+    u = u[:, None]
     cdf = probs.cumsum(-1)  # (B, V)
     tok = torch.searchsorted(cdf, u.to(probs.device) * cdf[:, -1:]).clamp_(max=probs.shape[1] - 1).squeeze(1)
     return tok if order is None else order.gather(-1, tok[:, None]).squeeze(1)
@@ -164,6 +169,12 @@ def _left_pad(seqs, pad_id, device):
     return idx.to(device), valid.to(device)
 
 
+def _uniforms(gens, active):
+    """One uniform in (0, 1] per active row, each from that row's own generator; inactive rows draw nothing. So
+    an episode's samples depend only on its own generator, not on which other episodes share the batch."""
+    return torch.tensor([1.0 - torch.rand(1, generator=g).item() if a else 1.0 for g, a in zip(gens, active.tolist())])
+
+
 def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top_p, generator, min_new=0):
     """Sample one turn for every row of the cache, starting from `logits` (B, V) of the last written column.
     Each row stops at eos or after max_new tokens; the loop stops when all rows have, or the cache is full.
@@ -178,14 +189,16 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     hit_eos = torch.zeros(B, dtype=torch.bool, device=dev)
     cut = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_new):
-        lse = torch.logsumexp(logits, -1)  # (B,) raw model (temperature 1): what the trainer recomputes
+        scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
+        lse = torch.logsumexp(scaled, -1)  # (B,)
         draw = logits
         if t < min_new:  # forced length (benchmarks): forbid eos for the draw only
             draw = logits.clone()
             draw[:, eos_id] = float("-inf")
-        tok = torch.where(active, sample(draw, temperature, top_p, generator), pad_id)  # (B,)
+        u = _uniforms(generator, active).to(dev) if isinstance(generator, list) and temperature > 0 else None
+        tok = torch.where(active, sample(draw, temperature, top_p, generator if u is None else None, u), pad_id)
         tok_buf[:, t] = tok
-        logp_buf[:, t] = logits.gather(1, tok[:, None]).squeeze(1) - lse
+        logp_buf[:, t] = scaled.gather(1, tok[:, None]).squeeze(1) - lse
         n += active
         stop = active & (tok == eos_id)
         hit_eos |= stop
@@ -234,8 +247,12 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
             top_p=1.0, generator=None, max_len=None, system_prompts=None, min_new_tokens=0):
     """Play P=len(seeds) tasks x G=group_size samples; returns P*G Episodes, task-major. max_len: cache
     columns (padding included; default: a guess from the prompt and first observation, capped by the model's
-    max_position_embeddings). min_new_tokens: forbid eos for the first tokens of each turn (benchmarks)."""
+    max_position_embeddings). min_new_tokens: forbid eos for the first tokens of each turn (benchmarks).
+    generator: one torch.Generator for the batch, or a list of P*G generators, one per episode (task-major), so
+    that each episode's samples do not depend on which other episodes share the batch."""
     P, G = len(seeds), group_size
+    if isinstance(generator, list) and len(generator) != P * G:
+        raise ValueError(f"a list of generators needs one per episode ({P * G}), got {len(generator)}")
     if P == 0 or G < 1 or max_turns < 1 or max_new_tokens < 1:
         raise ValueError("need len(seeds) >= 1, group_size >= 1, max_turns >= 1, max_new_tokens >= 1")
     if system_prompts is not None and len(system_prompts) != P:
@@ -269,8 +286,9 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
     rows = list(range(P * G))  # rows[r] = episode held by cache row r
 
     for turn in range(max_turns):
+        gens = [generator[e] for e in rows] if isinstance(generator, list) else generator
         out = _sample_turn(model, cache, logits, max_new_tokens, eos_id, pad_id, temperature, top_p,
-                           generator, min_new_tokens)
+                           gens, min_new_tokens)
         keep, blocks, obs_ids = [], [], []
         for r, e in enumerate(rows):
             ep, n = eps[e], out["n"][r]

@@ -93,13 +93,15 @@ def parse_args(argv=None):
                         "whose training state does not fit replicated; sampling gathers the full weights once")
     g = p.add_argument_group("rollouts")
     g.add_argument("--env", default="sokoban", help="environment (envs.make_env): sokoban, sokoban-8x8-2, appworld")
-    g.add_argument("--max-turns", type=int, default=5, help="turns per episode")
+    g.add_argument("--max-turns", type=int, default=3, help="turns per episode")
     g.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
                    help="Sokoban answer parsing: strict = only <action>..</action> (the field's format); lenient = "
                         "also move words anywhere in the text (the default, for the 135M CPU demo model, which "
                         "cannot keep the format; use strict at scale)")
-    g.add_argument("--max-new-tokens", type=int, default=48, help="token budget per model turn")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for training rollouts")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="token budget per model turn")
+    g.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature for training rollouts (0.7 keeps the 135M demo model coherent; the "
+                        "log-probs used for training are always those of the untempered model)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None, help="context limit per episode (default: the model's)")
     g = p.add_argument_group("run")
@@ -214,9 +216,11 @@ def gathered(*models):
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def step_rng(seed, step, group):
-    """A generator for one task group's rollouts: depends on (seed, step, global group index) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + group)
+def episode_rngs(seed, step, groups, G):
+    """One generator per episode, from (seed, step, global group index, sample index) only: rollouts do not
+    depend on the number of ranks, on which groups share a batch, or on resuming."""
+    return [torch.Generator().manual_seed(((seed * 1_000_003 + step) * 10_007 + g) * 1_009 + j)
+            for g in groups for j in range(G)]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -231,13 +235,14 @@ def episode_dict(ep, env_name, task_prompt):
 
 
 @torch.no_grad()
-def teacher_logp(teacher, eps, pad_id, device, chunk):
-    """Teacher log-probs of each episode's sampled tokens, flattened row-major over its mask (no grad)."""
+def teacher_logp(teacher, eps, pad_id, device, chunk, inv_t):
+    """Teacher log-probs (at the sampling temperature) of each episode's sampled tokens, flattened row-major
+    over its mask (no grad)."""
     b = R.batch_tensors(eps, pad_id, device)
     sel = b["mask"] > 0
     with M.autocast(device):
         h = teacher(b["idx"], return_hidden=True)  # (B, T, C)
-    return losses.token_logprobs(h[sel].float(), teacher.head_weight.float(), b["tgt"][sel], chunk)  # (N,)
+    return losses.token_logprobs(h[sel].float() * inv_t, teacher.head_weight.float(), b["tgt"][sel], chunk)  # (N,)
 
 
 def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args, rank):
@@ -376,6 +381,8 @@ def main(argv=None):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
                disable=rank != 0, dynamic_ncols=True)
     P_local = args.prompts_per_step // world
+    # The policy trained (and distilled) is the one that sampled: softmax(logits / T). Greedy (T = 0) -> T = 1.
+    inv_t = 1.0 / args.temperature if args.temperature > 0 else 1.0
     for step in bar:
         t0 = time.time()
         # ---- tasks: the same permutation on every rank; rank r takes its own groups
@@ -387,16 +394,15 @@ def main(argv=None):
 
         # Sampling, summarising and teacher scoring run on full weights (a no-op unless --fsdp)
         with gathered(model, teacher):
-            # ---- rollouts: one call per group so that sampling depends only on (seed, step, group)
+                # ---- rollouts of all this rank's groups in one batch
             owner = (teacher or model) if args.rollout_owner == "teacher" else model
             owner_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
             model.eval()
-            eps = []
             with torch.no_grad(), M.autocast(device):
-                for i, (g, s) in enumerate(zip(groups, seeds)):
-                    eps += R.rollout(owner, tok, make_env, [s], args.group_size, args.max_turns, args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, generator=step_rng(args.seed, step, g),
-                                     max_len=args.max_len, system_prompts=[owner_prompts[i]] if owner_prompts else None)
+                eps = R.rollout(owner, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p,
+                                generator=episode_rngs(args.seed, step, groups, args.group_size),
+                                max_len=args.max_len, system_prompts=owner_prompts)
             model.train()
             t_roll = time.time() - t0
             # The student always learns on the plain prompt, except in skill-augmented GRPO.
@@ -423,7 +429,7 @@ def main(argv=None):
                     rows = sdl_rows[j:j + args.micro_batch]
                     t_eps = [eps[i] if args.rollout_owner == "teacher" else R.reprompt(eps[i], tok, skill_prompts[i // args.group_size])
                              for i in rows]
-                    vals = teacher_logp(t_model, t_eps, pad_id, device, args.chunk_size)  # (N,) over these rows
+                    vals = teacher_logp(t_model, t_eps, pad_id, device, args.chunk_size, inv_t)  # (N,) over these rows
                     lt_flat.update(zip(rows, vals.split([sum(student_eps[i].mask) for i in rows])))
                 model.train()
 
@@ -446,7 +452,8 @@ def main(argv=None):
             sel = b["mask"] > 0  # (b, T)
             with M.autocast(device):
                 h = model(b["idx"], return_hidden=True)  # (b, T, C)
-            lp = losses.token_logprobs(h[sel].float(), model.head_weight.float(), b["tgt"][sel], args.chunk_size)
+            hs = h[sel].float() * inv_t  # (n, C): logits / T = (h / T) @ W.T, the tempered policy that sampled
+            lp = losses.token_logprobs(hs, model.head_weight.float(), b["tgt"][sel], args.chunk_size)
             logp = torch.zeros(sel.shape, device=device)
             logp[sel] = lp  # (b, T) grid, grad flows to the sampled positions
             n_mb = sel.sum().item()
@@ -475,7 +482,7 @@ def main(argv=None):
                     sums["gap_sum"] = sums.get("gap_sum", 0.0) + ((lt - logp.detach()) * dmask).sum().item()
                 sums["loss_sdl"] = sums.get("loss_sdl", 0.0) + ls.item()
             with torch.no_grad():  # before backward: under FSDP the head is resharded after it
-                ent = losses.token_entropy(h[sel].detach().float(), model.head_weight.detach().float(), args.chunk_size)
+                ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)
                 sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + ent.sum().item()
             loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 

@@ -49,12 +49,13 @@ def eos_tiny(tiny):
     return model, tok
 
 
-def recomputed_logp(model, episodes, pad_id):
-    """The trainer's view: one uncached forward over the compact right-padded sequences."""
+def recomputed_logp(model, episodes, pad_id, temperature=1.0):
+    """The trainer's view: one uncached forward over the compact right-padded sequences, at the sampling
+    temperature (the tempered policy is the one that drew the tokens)."""
     b = R.batch_tensors(episodes, pad_id)
     with torch.no_grad():
         logits = model(b["idx"], valid=b["valid"])  # (B, T-1, V)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, b["tgt"][..., None]).squeeze(-1)
+    logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, b["tgt"][..., None]).squeeze(-1)
     m = b["mask"].bool()
     return logp[m], b["logp_old"][m]
 
@@ -75,7 +76,7 @@ def test_sampler_logp_equals_full_forward(eos_tiny, temperature, top_p, max_len)
     g = torch.Generator().manual_seed(1)
     eps = R.rollout(model, tok, ScriptedEnv, [0, 1, 2, 5], 3, 4, 16, temperature, top_p, g, max_len=max_len)
     assert len(eps) == 12 and [ep.group for ep in eps] == [p for p in range(4) for _ in range(3)]
-    ours, ref = recomputed_logp(model, eps, tok.pad_token_id)
+    ours, ref = recomputed_logp(model, eps, tok.pad_token_id, temperature)
     diff = (ours - ref).abs()
     print(f"tiny T={temperature} top_p={top_p} max_len={max_len}: {len(diff)} sampled tokens, "
           f"|logp_sampler - logp_trainer| mean {diff.mean():.2e} max {diff.max():.2e}")
@@ -132,6 +133,20 @@ def test_same_seed_same_episodes(eos_tiny):
                                  generator=torch.Generator().manual_seed(seed))
     a, b, c = run(7), run(7), run(8)
     assert a == b and a != c
+
+
+def test_per_episode_generators_make_episodes_independent_of_the_batch(eos_tiny):
+    """With one generator per episode, an episode is the same whether its task is rolled out alone or beside
+    others (what lets train.py reproduce a one-process run on two ranks)."""
+    model, tok = eos_tiny
+    gens = lambda seeds: [torch.Generator().manual_seed(100 * s + j) for s in seeds for j in range(3)]  # noqa: E731
+    run = lambda seeds: R.rollout(model, tok, ScriptedEnv, seeds, 3, 3, 10, temperature=0.9,  # noqa: E731
+                                  generator=gens(seeds))
+    both, alone = run([4, 2]), run([2])
+    assert [e.tokens for e in both[3:]] == [e.tokens for e in alone]
+    assert len({tuple(e.tokens) for e in both}) > 1  # the rows did sample different things
+    with pytest.raises(ValueError):
+        R.rollout(model, tok, ScriptedEnv, [4, 2], 3, 3, 10, generator=gens([4]))
 
 
 def test_left_padding_invariance_vs_brute_force(tiny):

@@ -100,14 +100,14 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_recorded_episodes_rescore_to_their_sampler_logprobs(tmp_path):
-    out = run(tmp_path, "--save-every", "1", "--keep-checkpoints", "10", "--log-episodes", "4")
+    out = run(tmp_path, "--save-every", "1", "--keep-checkpoints", "10", "--log-episodes", "4", "--temperature", "0.7")
     worst = 0.0
     for ep in read_jsonl(os.path.join(out, "episodes.jsonl")):
         s = ep["step"]  # sampled by the weights before update s: the initial model, or checkpoint s - 1
         m = M.load("tiny")[0] if s == 1 else M.load(os.path.join(out, f"ckpt-{s - 1:06d}"))[0]
         idx = torch.tensor([ep["tokens"]])
         with torch.no_grad():
-            logp = torch.log_softmax(m(idx)[0, :-1].double(), -1).gather(-1, idx[0, 1:, None])[:, 0]
+            logp = torch.log_softmax(m(idx)[0, :-1].double() / 0.7, -1).gather(-1, idx[0, 1:, None])[:, 0]
         mask = torch.tensor(ep["mask"][1:], dtype=torch.bool)
         assert mask.any()
         worst = max(worst, (logp[mask] - torch.tensor(ep["logprobs"][1:], dtype=torch.float64)[mask]).abs().max().item())
@@ -147,7 +147,7 @@ def test_distillation_reaches_the_student(tmp_path):
     path.write_text(json.dumps(skill))
     sk = S.parse_skill(json.dumps(skill))
     common = ["--model", folder, "--method", "opd", "--teacher", "frozen", "--skill-file", str(path), "--eval-n", "0",
-              "--group-size", "4", "--max-new-tokens", "8", "--micro-batch", "8", "--lr", "3e-4"]
+              "--group-size", "8", "--max-new-tokens", "16", "--micro-batch", "16", "--lr", "3e-4", "--temperature", "1"]
     teacher = M.load(folder)[0].eval()
     before = kl_on_fixed_batch(M.load(folder)[0].eval(), teacher, tok, sk)
     on = run(tmp_path / "on", *common, "--lam", "1", steps=20)
