@@ -139,9 +139,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on the fixed Sokoban evaluation set, or plot curves.")
     p.add_argument("--model", default="smollm2-135m", help="'tiny', 'smollm2-135m', an HF id, or a checkpoint folder")
     p.add_argument("--env", default="sokoban", help="environment name (envs.make_env); default sokoban (6x6, 1 box)")
-    p.add_argument("--n", type=int, default=128, help="number of evaluation puzzles (first n of the fixed set)")
-    p.add_argument("--max-turns", type=int, default=5, help="turns per episode")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="token budget per model turn")
+    p.add_argument("--n", type=int, default=32, help="number of evaluation puzzles (first n of the fixed set)")
+    p.add_argument("--max-turns", type=int, default=3, help="turns per episode (as train.py)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="token budget per model turn (as train.py)")
     p.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
                    help="Sokoban answer parsing (as in train.py): strict = only <action>..</action>; lenient = "
                         "also move words anywhere in the text")

@@ -93,10 +93,13 @@ def sdl_loss(logp, logp_old, logp_teacher, mask, num_tokens=None):
     logp, logp_old, logp_teacher = (torch.where(m, x, 0) for x in (logp, logp_old.detach(), logp_teacher.detach()))
     l = logp - logp_teacher                                                   # (B, T)
     rho = (logp - logp_old).clamp(max=MAX_LOG_RATIO).exp()                    # (B, T)
-    # expm1(-l) + l == e^-l - 1 + l without the cancellation of 1 - 1 for small l. clamp() passes the gradient
-    # through unchanged below the bound, so the identity grad = rho * l is exact in the normal range.
+    # expm1(-l) + l == e^-l - 1 + l without the cancellation of 1 - 1 for small l.
     k3 = torch.expm1((-l).clamp(max=MAX_NEG_L)) + l                           # (B, T), >= 0
-    loss = (rho * k3 * w).sum() / N
+    # Value rho * k3, gradient rho * l, written as value + g * (logp - sg(logp)). Autograd through the clamped
+    # exponent would give rho * (k3 + 1 - e^-l) with e^-l frozen at e^20: about +5e8 * rho for l < -20, the
+    # wrong sign. The explicit form keeps grad = rho * l exactly in the normal range and clamps l beyond it.
+    g = (rho * l.clamp(min=-MAX_NEG_L)).detach()                              # (B, T) d loss_t / d logp_t
+    loss = (((rho * k3).detach() + g * (logp - logp.detach())) * w).sum() / N
     with torch.no_grad():
         r_max = rho.masked_fill(~m, float("-inf")).max() if m.any() else rho.new_zeros(())
         l_mean, rho_mean, rho_max, k3_mean = torch.stack(

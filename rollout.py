@@ -109,7 +109,7 @@ class KVCache:
 class Episode:
     tokens: list  # compact ids: prompt + model turns + observations, no padding
     mask: list  # 1 = sampled by the policy
-    logprobs: list  # sampler fp32 log-prob (raw model) at sampled positions, 0.0 elsewhere
+    logprobs: list  # sampler fp32 log-prob (tempered model) at sampled positions, 0.0 elsewhere
     prompt_len: int
     turn_spans: list = field(default_factory=list)  # (start, end) of each model turn's sampled tokens
     responses: list = field(default_factory=list)  # decoded text of each model turn (what env.step got)
@@ -150,7 +150,8 @@ def _forward_last(model, cache, idx, valid):
     on the last column only (an observation block of 100 columns would otherwise cost 100x the head)."""
     with autocast(idx.device):
         h = model(idx, cache=cache, valid=valid, return_hidden=True)[:, -1]  # (B, C)
-    return h.float() @ model.head_weight.float().T
+    with torch.autocast(idx.device.type, enabled=False):  # fp32 head even inside a caller's bf16 autocast:
+        return h.float() @ model.head_weight.float().T   # logp_old must match the trainer's fp32 scoring
 
 
 def _cache_dtype(model):

@@ -215,7 +215,7 @@ def _rule_generic(ep):
 
 def rule_skill(ep):
     f = ep.get("facts")
-    if ep.get("env", "sokoban") == "sokoban" and isinstance(f, dict) and "actions" in f:
+    if str(ep.get("env", "sokoban")).startswith("sokoban") and isinstance(f, dict) and "actions" in f:
         return Skill(*_rule_sokoban(f))
     return Skill(*_rule_generic(ep))
 

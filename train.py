@@ -60,7 +60,9 @@ def parse_args(argv=None):
     g.add_argument("--method", default="skill-sd", choices=list(METHODS),
                    help="skill-sd = GRPO + lam*SDL; grpo; opd = SDL only; skill-aug-grpo = GRPO with the skill in "
                         "the student's prompt (evaluated without it)")
-    g.add_argument("--lam", type=float, default=0.001, help="weight lambda of the SDL term (paper's best: 0.001)")
+    g.add_argument("--lam", type=float, default=None,
+                   help="weight lambda of the SDL term (default: 0.001 for skill-sd, the paper's best; 1 for opd, "
+                        "where it is the only term)")
     g.add_argument("--teacher", default="dynamic", choices=["dynamic", "frozen"],
                    help="dynamic: teacher synced from the student; frozen: teacher keeps the initial weights")
     g.add_argument("--teacher-sync-every", type=int, default=1,
@@ -118,6 +120,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     grpo, sdl, _ = METHODS[args.method]
+    if args.lam is None:
+        args.lam = 0.001 if grpo else 1.0
     teacher_flags = args.teacher != "dynamic" or args.teacher_sync_every != 1 or args.rollout_owner != "student"
     if teacher_flags and not sdl and args.rollout_owner == "student":
         p.error(f"--teacher / --teacher-sync-every only apply to methods with a teacher (skill-sd, opd), "
@@ -125,7 +129,8 @@ def parse_args(argv=None):
     if args.rollout_owner == "teacher" and not sdl:
         p.error("--rollout-owner teacher needs a teacher: use --method skill-sd or opd")
     checks = [(args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
-              (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1, "counts must be positive"),
+              (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
+               "counts must be positive"),
               (args.teacher_sync_every >= 1, "--teacher-sync-every must be >= 1"),
               (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature >= 0 and 0 < --top-p <= 1"),
@@ -174,7 +179,9 @@ def allreduce_grads(model, world, fsdp):
     dist.all_reduce(flat)
     i = 0
     for q in params:
-        q.grad = flat[i:i + q.numel()].view_as(q).clone()
+        if q.grad is None:
+            q.grad = torch.empty_like(q)
+        q.grad.copy_(flat[i:i + q.numel()].view_as(q))
         i += q.numel()
 
 
@@ -256,8 +263,9 @@ def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats,
     name = f"ckpt-{step:06d}"
     tmp = os.path.join(out, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    plain = M.Transformer(model.config)
-    plain.load_state_dict(weights)
+    with torch.device("meta"):  # no second random init: the gathered weights are assigned in place
+        plain = M.Transformer(model.config)
+    plain.load_state_dict(weights, assign=True)
     M.save(plain, tok, tmp)
     state = {"step": step, "optimizer": optim, "args": vars(args),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
@@ -311,6 +319,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     use_grpo, use_sdl, skill_in_student = METHODS[args.method]
+    uses_bank = (use_sdl or skill_in_student) and not args.skill_file  # grpo needs no summariser at all
 
     try:
         model, tok = M.load(args.model, device=device)
@@ -388,13 +397,13 @@ def main(argv=None):
         # ---- tasks: the same permutation on every rank; rank r takes its own groups
         order = np.random.default_rng(args.seed * 7919 + step).permutation(len(train_seeds))
         groups = list(range(rank * P_local, (rank + 1) * P_local))  # global group indices of this rank
-        seeds = [train_seeds[order[(step * args.prompts_per_step + g) % len(train_seeds)]] for g in groups]
-        picked = [fixed_skill or bank.select(s) for s in seeds]  # (P_local,) Skill or None
+        seeds = [train_seeds[order[g % len(train_seeds)]] for g in groups]
+        picked = [fixed_skill or (bank.select(s) if uses_bank else None) for s in seeds]  # (P_local,) Skill or None
         skill_prompts = [S.teacher_prompt(k, task_prompt) for k in picked]
 
         # Sampling, summarising and teacher scoring run on full weights (a no-op unless --fsdp)
         with gathered(model, teacher):
-                # ---- rollouts of all this rank's groups in one batch
+            # ---- rollouts of all this rank's groups in one batch
             owner = (teacher or model) if args.rollout_owner == "teacher" else model
             owner_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
             model.eval()
@@ -412,14 +421,15 @@ def main(argv=None):
             adv = adv.view(-1).to(device)  # (B,) one advantage per episode
 
             # ---- summarise this step's episodes; skills finished by now (all ranks') enter every rank's bank
-            summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
+            if uses_bank:
+                summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
             for new in gather(summarizer.collect(), world):
                 for k in new:
                     bank.add(k)
 
             # ---- teacher log-probs on skill + task + the student's exact tokens
             B = len(student_eps)
-            has_skill = torch.tensor([picked[i // args.group_size] is not None for i in range(B)], device=device)
+            has_skill = [picked[i // args.group_size] is not None for i in range(B)]
             sdl_rows = [i for i in range(B) if has_skill[i]] if use_sdl else []
             lt_flat = {}
             if sdl_rows:
@@ -499,6 +509,8 @@ def main(argv=None):
             teacher.load_state_dict(model.state_dict())
 
         # ---- UCB: arm reward of each used skill, applied on every rank in rank order
+        if skill_in_student:  # no teacher to score: a skill's arm reward is the mean reward of the group it guided
+            arm = {g: [rewards[g].mean().item()] for g in range(P_local)}
         updates = [(picked[g].uid, sum(v) / len(v)) for g, v in sorted(arm.items())
                    if picked[g] is not None and fixed_skill is None]
         for ups in gather(updates, world):
@@ -511,7 +523,7 @@ def main(argv=None):
         nd = sums.get("n_distill", 0.0)
         local = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
                  "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
-                 "entropy": sums.get("entropy_sum", 0.0) / n_tok, "distill_frac": float(has_skill.float().mean()) if use_sdl else 0.0,
+                 "entropy": sums.get("entropy_sum", 0.0) / n_tok, "distill_frac": float(np.mean(has_skill)) if use_sdl else 0.0,
                  "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
         for k in ("clip_frac", "ratio_mean"):
             if k in sums:

@@ -345,3 +345,17 @@ def test_two_process_micro_batch_gradients_equal_full_batch(tmp_path):
     # The test can fail: normalising each micro-batch by its own count gives a different gradient.
     local = sum(torch.autograd.grad(_dist_loss(d, W, m, None), W)[0] for m in torch.arange(ROWS).chunk(4)) / 4
     assert (local - want).abs().max() > 1e-4
+
+
+def test_sdl_guard_keeps_the_gradient_direction_far_below_the_teacher():
+    """A token the teacher finds e^25 times likelier (l = -25) must be pushed UP (gradient rho * l < 0), with the
+    guard bounding its size at rho * 20, not exploding to rho * e^20 with the wrong sign."""
+    logp = torch.tensor([[-30.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    logp_teacher = torch.tensor([[-5.0, -1.5]], dtype=torch.float64)
+    logp_old = torch.tensor([[-30.0, -1.2]], dtype=torch.float64)
+    loss, _ = sdl_loss(logp, logp_old, logp_teacher, torch.ones(1, 2, dtype=torch.float64), num_tokens=1)
+    loss.backward()
+    rho = torch.exp(logp.detach() - logp_old)
+    assert torch.isfinite(loss)
+    assert torch.allclose(logp.grad[0, 0], rho[0, 0] * -20.0)  # clamped l, right sign
+    assert torch.allclose(logp.grad[0, 1], rho[0, 1] * 0.5)  # normal range: exactly rho * l
