@@ -163,7 +163,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.eval()
     with torch.no_grad(), M.autocast(args.device):
-        kw = {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {})}
+        kw = {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {}),
+              **({"split": "dev"} if args.env == "appworld" else {})}
         results = evaluate(model, tok, args.env, seeds, args.max_new_tokens, kw,
                            temperature=args.temperature, batch_size=args.batch_size, progress=True)
     summary = summarize(results)

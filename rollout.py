@@ -332,6 +332,8 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
         logits = _forward_last(model, cache, *_left_pad(blocks, pad_id, dev))
     for ep, env in zip(eps, envs):
         ep.history = list(getattr(env, "history", []))
+        if hasattr(env, "close"):  # envs holding outside resources (AppWorld) release them, even when truncated
+            env.close()
     return eps
 
 

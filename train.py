@@ -185,8 +185,14 @@ def allreduce_grads(model, world, fsdp):
         i += q.numel()
 
 
-def env_kwargs(args):
-    return {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {})}
+def env_kwargs(args, split="train"):
+    """make_env overrides: the turn budget, Sokoban's parsing mode, AppWorld's split (evaluation on `dev`)."""
+    kw = {"max_turns": args.max_turns}
+    if args.env.startswith("sokoban"):
+        kw["parse"] = args.parse
+    if args.env == "appworld":
+        kw["split"] = "dev" if split == "eval" else "train"
+    return kw
 
 
 def shard(model):
@@ -241,15 +247,13 @@ def episode_dict(ep, env_name, task_prompt):
             "facts": envs.sokoban_facts(ep.history) if env_name.startswith("sokoban") else None}
 
 
-@torch.no_grad()
-def teacher_logp(teacher, eps, pad_id, device, chunk, inv_t):
-    """Teacher log-probs (at the sampling temperature) of each episode's sampled tokens, flattened row-major
-    over its mask (no grad)."""
-    b = R.batch_tensors(eps, pad_id, device)
-    sel = b["mask"] > 0
-    with M.autocast(device):
-        h = teacher(b["idx"], return_hidden=True)  # (B, T, C)
-    return losses.token_logprobs(h[sel].float() * inv_t, teacher.head_weight.float(), b["tgt"][sel], chunk)  # (N,)
+def score(model, b, inv_t, chunk):
+    """Hidden states / T at a batch's sampled positions, flattened row-major over its mask, and their fp32
+    log-probs under the tempered policy softmax(logits / T) = softmax((h / T) @ W.T): (n, C), (n,)."""
+    with M.autocast(b["idx"].device):
+        h = model(b["idx"], return_hidden=True)  # (B, T, C)
+    hs = h[b["mask"] > 0].float() * inv_t  # (n, C)
+    return hs, losses.token_logprobs(hs, model.head_weight.float(), b["tgt"][b["mask"] > 0], chunk)
 
 
 def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args, rank):
@@ -297,7 +301,7 @@ def run_eval(model, tok, args, rank, world, device, step):
     seeds = envs.task_set("eval", args.eval_n)
     model.eval()
     with torch.no_grad(), M.autocast(device), gathered(model):
-        mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args),
+        mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args, "eval"),
                           temperature=0.0, seed=args.seed, progress=False)
     model.train()
     results = sorted(sum(gather(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
@@ -375,7 +379,10 @@ def main(argv=None):
         if state["teacher"] is not None and teacher is not None:
             set_model_state_dict(teacher, state["teacher"], options=FULL)
         bank = S.SkillBank.load(os.path.join(ckpt, "skills.json"))
-        summarizer.stats.update(state["summarizer"])
+        if rank == 0:  # counters are per rank and summed for the metrics: only rank 0's were saved
+            summarizer.stats.update(state["summarizer"])
+        else:
+            bank.counters.update(selects=0, hits=0, fallbacks=0)
         start = state["step"]
         if rank == 0:
             for f in ("metrics.jsonl", "episodes.jsonl"):
@@ -439,7 +446,8 @@ def main(argv=None):
                     rows = sdl_rows[j:j + args.micro_batch]
                     t_eps = [eps[i] if args.rollout_owner == "teacher" else R.reprompt(eps[i], tok, skill_prompts[i // args.group_size])
                              for i in rows]
-                    vals = teacher_logp(t_model, t_eps, pad_id, device, args.chunk_size, inv_t)  # (N,) over these rows
+                    with torch.no_grad():
+                        vals = score(t_model, R.batch_tensors(t_eps, pad_id, device), inv_t, args.chunk_size)[1]  # (n,)
                     lt_flat.update(zip(rows, vals.split([sum(student_eps[i].mask) for i in rows])))
                 model.train()
 
@@ -460,10 +468,7 @@ def main(argv=None):
             rows = list(range(j, min(j + args.micro_batch, B)))
             b = R.batch_tensors([student_eps[i] for i in rows], pad_id, device)
             sel = b["mask"] > 0  # (b, T)
-            with M.autocast(device):
-                h = model(b["idx"], return_hidden=True)  # (b, T, C)
-            hs = h[sel].float() * inv_t  # (n, C): logits / T = (h / T) @ W.T, the tempered policy that sampled
-            lp = losses.token_logprobs(hs, model.head_weight.float(), b["tgt"][sel], args.chunk_size)
+            hs, lp = score(model, b, inv_t, args.chunk_size)  # (n, C), (n,) with grad
             logp = torch.zeros(sel.shape, device=device)
             logp[sel] = lp  # (b, T) grid, grad flows to the sampled positions
             n_mb = sel.sum().item()
@@ -518,42 +523,38 @@ def main(argv=None):
                 if uid in bank.skills and math.isfinite(r):
                     bank.update(bank.skills[uid], r)
 
-        # ---- metrics: local sums -> global
-        n_tok = max(n_local, 1)
+        # ---- metrics: per-episode means (equal episode counts on every rank), token-weighted sums, maxima
         nd = sums.get("n_distill", 0.0)
         local = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
                  "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
-                 "entropy": sums.get("entropy_sum", 0.0) / n_tok, "distill_frac": float(np.mean(has_skill)) if use_sdl else 0.0,
+                 "distill_frac": float(np.mean(has_skill)) if use_sdl else 0.0,
                  "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
-        for k in ("clip_frac", "ratio_mean"):
-            if k in sums:
-                local[k] = sums[k] / n_tok
-        for k in ("l_mean", "rho_mean", "k3_mean"):
-            if k in sums and nd:
-                local[k] = sums[k] / nd
-        if nd:
-            local["gap"] = sums["gap_sum"] / nd
+        weighted = {"entropy": (sums.get("entropy_sum", 0.0), n_local), "gap": (sums.get("gap_sum", 0.0), nd),
+                    **{k: (sums[k], n_local) for k in ("clip_frac", "ratio_mean") if k in sums},
+                    **{k: (sums[k], nd) for k in ("l_mean", "rho_mean", "k3_mean") if k in sums}}
         summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
                   "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
         maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
         counts = {**{k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))},
                   **{k: bank.counters[k] for k in ("selects", "hits", "fallbacks")}}  # per rank: summed below
-        allm = gather((local, summed, maxed, counts), world)
+        allm = gather((local, weighted, summed, maxed, counts), world)
         m = {"step": step + 1}
         for k in local:
-            vals = [a[0][k] for a in allm if k in a[0]]
-            m[k] = sum(vals) / len(vals)
+            m[k] = sum(a[0][k] for a in allm) / world
+        for k in weighted:
+            num, den = (sum(a[1][k][i] for a in allm if k in a[1]) for i in (0, 1))
+            m[k] = num / den if den else None
         for k, v in summed.items():
-            m[k] = None if v is None else sum(a[1][k] for a in allm)
+            m[k] = None if v is None else sum(a[2][k] for a in allm)
         for k in maxed:
-            m[k] = max(a[2][k] for a in allm)
+            m[k] = max(a[3][k] for a in allm if k in a[3])
         dt = time.time() - t0
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "step_time": dt,
                   "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt,
                   "peak_mem_gb": peak / 2**30})
-        total = {k: sum(a[3][k] for a in allm) for k in counts}
+        total = {k: sum(a[4].get(k, 0) for a in allm) for k in sorted(set().union(*(a[4] for a in allm)))}
         m["skills"] = {**bank.metrics(), **{k: total[k] for k in ("selects", "hits", "fallbacks")},
                        "hit_rate": total["hits"] / max(total["selects"], 1),
                        "fallback_rate": total["fallbacks"] / max(total["selects"], 1)}
@@ -584,6 +585,11 @@ def main(argv=None):
     summarizer.close(drain=False)
     if rank == 0 and args.eval_n > 0 and os.path.exists(os.path.join(args.out, "eval.md")):
         print(open(os.path.join(args.out, "eval.md")).read())
+    if rank == 0 and args.steps > start:
+        try:  # the learning curves, when the optional matplotlib is installed
+            print("curves:", E.plot(os.path.join(args.out, "metrics.jsonl")))
+        except SystemExit as e:
+            print(f"no plot: {e}")
     if world > 1:
         dist.destroy_process_group()
     return model
