@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -95,6 +96,9 @@ def parse_args(argv=None):
                         "whose training state does not fit replicated; sampling gathers the full weights once")
     g = p.add_argument_group("rollouts")
     g.add_argument("--env", default="sokoban", help="environment (envs.make_env): sokoban, sokoban-8x8-2, appworld")
+    g.add_argument("--train-tasks", type=int, default=256,
+                   help="size of the fixed training set (its first N puzzles); smaller = tasks and their skills "
+                        "come back more often")
     g.add_argument("--max-turns", type=int, default=3, help="turns per episode")
     g.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
                    help="Sokoban answer parsing: strict = only <action>..</action> (the field's format); lenient = "
@@ -132,6 +136,7 @@ def parse_args(argv=None):
               (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
                "counts must be positive"),
               (args.teacher_sync_every >= 1, "--teacher-sync-every must be >= 1"),
+              (1 <= args.train_tasks <= 1_000_000, "--train-tasks must be in 1..1000000"),
               (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature >= 0 and 0 < --top-p <= 1"),
               (0 <= args.eps_low < 1 and args.eps_high >= 0, "0 <= --eps-low < 1 and --eps-high >= 0"),
@@ -329,7 +334,7 @@ def main(argv=None):
         model, tok = M.load(args.model, device=device)
         make_env = lambda: envs.make_env(args.env, **env_kwargs(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
-        train_seeds = envs.task_set("train")
+        train_seeds = envs.task_set("train", args.train_tasks)
         if args.eval_n > 0:
             envs.task_set("eval", args.eval_n)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
@@ -393,7 +398,6 @@ def main(argv=None):
         print(f"{args.method} | model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params)"
               f" | {args.env} | {world} process(es) on {device} | out {args.out}", flush=True)
 
-    from tqdm import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
                disable=rank != 0, dynamic_ncols=True)
     P_local = args.prompts_per_step // world
