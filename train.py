@@ -14,7 +14,7 @@ Deliberate simplifications:
 - Gradient sync is one explicit all-reduce of all gradients after the micro-batches (not DDP): it is one line,
   needs no no_sync() bookkeeping for gradient accumulation, and a rank with more or fewer micro-batches than
   the others can never hang a collective. Each rank holds a full replica.
-- Randomness is derived from (seed, step, task group): rollouts do not depend on the number of ranks or on
+- Randomness is derived from (seed, step, task group, sample): rollouts do not depend on the number of ranks or on
   resuming, so `--resume` continues exactly and 2 ranks reproduce a 1-process run.
 - The summariser runs synchronously for the `rule` and `self` backends (deterministic); `openai:` runs in a
   background thread pool and its skills arrive at a later step.
@@ -106,8 +106,8 @@ def parse_args(argv=None):
                         "cannot keep the format; use strict at scale)")
     g.add_argument("--max-new-tokens", type=int, default=24, help="token budget per model turn")
     g.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature for training rollouts (0.7 keeps the 135M demo model coherent; the "
-                        "log-probs used for training are always those of the untempered model)")
+                   help="sampling temperature for training rollouts (0.7 keeps the 135M demo model coherent); the "
+                        "policy trained, distilled and scored is the tempered one, softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None, help="context limit per episode (default: the model's)")
     g = p.add_argument_group("run")
@@ -126,12 +126,11 @@ def parse_args(argv=None):
     grpo, sdl, _ = METHODS[args.method]
     if args.lam is None:
         args.lam = 0.001 if grpo else 1.0
-    teacher_flags = args.teacher != "dynamic" or args.teacher_sync_every != 1 or args.rollout_owner != "student"
-    if teacher_flags and not sdl and args.rollout_owner == "student":
+    if not sdl and args.rollout_owner == "teacher":
+        p.error("--rollout-owner teacher needs a teacher: use --method skill-sd or opd")
+    if not sdl and (args.teacher != "dynamic" or args.teacher_sync_every != 1):
         p.error(f"--teacher / --teacher-sync-every only apply to methods with a teacher (skill-sd, opd), "
                 f"not --method {args.method}")
-    if args.rollout_owner == "teacher" and not sdl:
-        p.error("--rollout-owner teacher needs a teacher: use --method skill-sd or opd")
     checks = [(args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
               (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
                "counts must be positive"),
@@ -490,15 +489,17 @@ def main(argv=None):
                     if i in lt_flat:
                         lt[r, sel[r]] = lt_flat[i].to(device)
                         dmask[r] = b["mask"][r]
-                        gap = (lt[r, sel[r]] - b["logp_old"][r, sel[r]]).mean().item()
-                        arm.setdefault(i // args.group_size, []).append(adv[i].item() * gap)
+                gap = ((lt - b["logp_old"]) * dmask).sum(1).tolist()  # (b,) teacher - student, summed per row
+                for r, i in enumerate(rows):
+                    if i in lt_flat:  # UCB arm reward: adv * mean_t (logp_teacher - logp)
+                        arm.setdefault(i // args.group_size, []).append(adv[i].item() * gap[r] / sum(student_eps[i].mask))
                 ls, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
                 loss = loss + args.lam * ls
                 n_d = dmask.sum().item()
                 if n_d:
                     acc(ms, n_d)
                     sums["n_distill"] = sums.get("n_distill", 0.0) + n_d
-                    sums["gap_sum"] = sums.get("gap_sum", 0.0) + ((lt - logp.detach()) * dmask).sum().item()
+                    sums["gap_sum"] = sums.get("gap_sum", 0.0) + sum(gap)
                 sums["loss_sdl"] = sums.get("loss_sdl", 0.0) + ls.item()
             with torch.no_grad():  # before backward: under FSDP the head is resharded after it
                 ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)
