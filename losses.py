@@ -15,7 +15,13 @@ Deliberate simplifications:
 - Custom backward passes are first-order only (once_differentiable); no double backward.
 - reverse_kl_full treats the teacher as a fixed target: gradient reaches h_student and weight only through
   pi_student, never through the teacher's logits (like logp_teacher being detached in sdl_loss).
+- sdl_full_loss is per position, like sdl_loss: neither corrects the state distribution (positions are visited
+  under pi_old; that would take a product of earlier ratios), nor counts a token's effect on later KLs.
+- tf32_grads=True runs only the backward's two gradient matmuls on TF32 tensor cores (CUDA; CPU matmuls ignore
+  the flag): log-probs, the recomputed softmax and the fp32 accumulation stay exact, gradients carry TF32 rounding.
 """
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -107,8 +113,44 @@ def sdl_loss(logp, logp_old, logp_teacher, mask, num_tokens=None):
     return loss, dict(l_mean=l_mean, rho_mean=rho_mean, rho_max=rho_max, k3_mean=k3_mean)
 
 
+def sdl_full_loss(hs, weight, hs_teacher, teacher_weight, mask, num_tokens=None, chunk_size=1024, tf32_grads=False):
+    """Full-vocabulary SDL: (1/num_tokens) sum_n mask_n KL(pi_theta || pi_T)(. | s_n), exact over all V tokens
+    at the student's sampled positions s_n, through the fused kernel (no (n, V) tensor). hs (n, C) with grad;
+    hs_teacher (n, C) the teacher's hidden states at the same positions (detached here); mask (n,) weights.
+    Weighting: none, on purpose. rho = pi_theta(y)/pi_old(y) in sdl_loss corrects the *sampled token* y at s_n;
+    summing over every y leaves nothing to correct: E_{y ~ pi_old}[rho k3] = KL and E[rho l grad logp] = grad KL
+    at s_n, for any theta (tests/test_losses.py). So this is sdl_loss averaged over the sampled token, same
+    expected value and gradient, no sampling noise. A rho of the sampled token here would only add the zero-mean
+    term KL grad logp(y); correcting the positions' distribution would need the product of earlier ratios."""
+    _check_kernel(hs, weight, chunk_size, h_teacher=hs_teacher)
+    if not torch.is_tensor(mask) or mask.shape != hs.shape[:1]:
+        raise ValueError(f"mask must be a tensor of shape ({hs.shape[0]},), one weight per row of hs, got "
+                         f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
+    m = mask != 0  # rows without a teacher (no skill) cost nothing, and garbage there cannot leak
+    kl = reverse_kl_full(hs[m], hs_teacher[m], weight, chunk_size, teacher_weight, tf32_grads)  # (n_d,)
+    w = mask[m].to(kl.dtype)
+    N = _check_like(w, w, num_tokens)  # validates num_tokens; default: this batch's (weighted) count
+    loss = (kl * w).sum() / N
+    return loss, dict(kl_mean=masked_mean(kl.detach(), w).item())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fused chunked kernels: never hold an (N, V) tensor; one (chunk_size, V) buffer is reused for every chunk.
+
+@contextlib.contextmanager
+def _tf32(on):
+    """fp32 CUDA matmuls on TF32 tensor cores inside the block when on (CPU matmuls ignore the flag)."""
+    m = torch.backends.cuda.matmul
+    key = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"  # torch >= 2.9 / older
+    old = getattr(m, key) if on else None
+    if on:
+        setattr(m, key, "tf32" if key == "fp32_precision" else True)
+    try:
+        yield
+    finally:
+        if on:
+            setattr(m, key, old)
+
 
 def _cdtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32  # compute in fp32, or fp64 for gradcheck
@@ -131,7 +173,7 @@ def _check_kernel(hidden, weight, chunk_size, targets=None, h_teacher=None):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, tf32_grads):
         cd = _cdtype(hidden.dtype)
         W = weight.to(cd)                                     # (V, C), no copy when already fp32
         N, V = hidden.shape[0], W.shape[0]
@@ -146,7 +188,7 @@ class _TokenLogprobs(torch.autograd.Function):
             lse[i:i + chunk_size] = mx + z.sub_(mx[:, None]).exp_().sum(1).log()
             out[i:i + chunk_size] = picked - lse[i:i + chunk_size]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.tf32_grads = chunk_size, tf32_grads
         return out
 
     @staticmethod
@@ -164,21 +206,24 @@ class _TokenLogprobs(torch.autograd.Function):
             z = torch.mm(h, W.t(), out=buf[:h.shape[0]])      # recompute the chunk's logits (n, V)
             z.sub_(lse[i:i + cs, None]).exp_()                # softmax p
             z.mul_(-g[:, None]).scatter_add_(1, t[:, None], g[:, None])  # dlogp/dlogits * go = go (onehot - p)
-            if need_h:
-                torch.mm(z, W, out=grad_h[i:i + cs])          # (n, C)
-            if need_w:
-                grad_w.addmm_(z.t(), h)                       # (V, C) += (V, n) @ (n, C)
+            with _tf32(ctx.tf32_grads):
+                if need_h:
+                    torch.mm(z, W, out=grad_h[i:i + cs])      # (n, C)
+                if need_w:
+                    grad_w.addmm_(z.t(), h)                   # (V, C) += (V, n) @ (n, C)
         return (grad_h.to(hidden.dtype) if need_h else None,
-                grad_w.to(weight.dtype) if need_w else None, None, None)
+                grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
-def token_logprobs(hidden, weight, targets, chunk_size=1024):
+def token_logprobs(hidden, weight, targets, chunk_size=1024, tf32_grads=False):
     """log softmax(hidden @ weight.T)[n, targets[n]] -> (N,) in fp32 (fp64 for fp64 inputs), chunked over rows;
     the backward recomputes each chunk's logits instead of storing them. Grads come back in the input dtypes.
+    That recompute makes 4 (N, C, V) matmuls against the naive path's 3: ~1.33x its time where they dominate
+    (CUDA fp32). tf32_grads=True runs the two gradient matmuls on TF32 tensor cores (see the module docstring).
     chunk_size=1024: at N=8192, C=1024, V=49k / 152k (fp32, CPU) bench/bench_losses.py measured a peak of 9-10%
     of the naive path at 0.9-1.2x its wall time; peak ~ (chunk_size + C) * V * 4 bytes vs ~3 * N * V * 4 naive."""
     _check_kernel(hidden, weight, chunk_size, targets=targets)
-    return _TokenLogprobs.apply(hidden, weight, targets, chunk_size)
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk_size, bool(tf32_grads))
 
 
 class _ReverseKL(torch.autograd.Function):
@@ -190,7 +235,7 @@ class _ReverseKL(torch.autograd.Function):
         return p, diff, (p * diff).sum(1)                     # kl (n,)
 
     @staticmethod
-    def forward(ctx, h_student, h_teacher, weight, weight_teacher, chunk_size):
+    def forward(ctx, h_student, h_teacher, weight, weight_teacher, chunk_size, tf32_grads):
         cd = _cdtype(h_student.dtype)
         W, Wt = weight.to(cd), weight_teacher.to(cd)
         kl = torch.empty(h_student.shape[0], dtype=cd, device=h_student.device)
@@ -198,7 +243,7 @@ class _ReverseKL(torch.autograd.Function):
             kl[i:i + chunk_size] = _ReverseKL._chunk(h_student[i:i + chunk_size].to(cd),
                                                      h_teacher[i:i + chunk_size].to(cd), W, Wt)[2]
         ctx.save_for_backward(h_student, h_teacher, weight, weight_teacher, kl)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.tf32_grads = chunk_size, tf32_grads
         return kl
 
     @staticmethod
@@ -215,15 +260,16 @@ class _ReverseKL(torch.autograd.Function):
             p, diff, _ = _ReverseKL._chunk(hs, ht_all[i:i + cs].to(cd), W, Wt)
             # dKL/dz_s = p_s * (log p_s - log p_t - KL), times the upstream grad of each row
             g = diff.sub_(kl[i:i + cs, None]).mul_(p).mul_(go[i:i + cs, None])  # (n, V)
-            if need_h:
-                torch.mm(g, W, out=grad_h[i:i + cs])
-            if need_w:
-                grad_w.addmm_(g.t(), hs)
+            with _tf32(ctx.tf32_grads):
+                if need_h:
+                    torch.mm(g, W, out=grad_h[i:i + cs])
+                if need_w:
+                    grad_w.addmm_(g.t(), hs)
         return (grad_h.to(hs_all.dtype) if need_h else None, None,
-                grad_w.to(weight.dtype) if need_w else None, None, None)
+                grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
-def reverse_kl_full(h_student, h_teacher, weight, chunk_size=1024, weight_teacher=None):
+def reverse_kl_full(h_student, h_teacher, weight, chunk_size=1024, weight_teacher=None, tf32_grads=False):
     """Exact KL(pi_s || pi_t) over the full vocabulary per row -> (N,), pi_s = softmax(h_student @ weight.T),
     pi_t = softmax(h_teacher @ weight_teacher.T) (default: the same weight). Gradient flows to h_student and
     weight through pi_s only; the teacher side is a detached target (h_teacher, weight_teacher get no grad)."""
@@ -231,7 +277,8 @@ def reverse_kl_full(h_student, h_teacher, weight, chunk_size=1024, weight_teache
     weight_teacher = weight if weight_teacher is None else weight_teacher
     if weight_teacher.shape != weight.shape:
         raise ValueError(f"weight_teacher {tuple(weight_teacher.shape)} must match weight {tuple(weight.shape)}")
-    return _ReverseKL.apply(h_student, h_teacher.detach(), weight, weight_teacher.detach(), chunk_size)
+    return _ReverseKL.apply(h_student, h_teacher.detach(), weight, weight_teacher.detach(), chunk_size,
+                            bool(tf32_grads))
 
 
 @torch.no_grad()

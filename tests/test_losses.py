@@ -9,8 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from losses import (group_advantages, grpo_loss, masked_mean, reverse_kl_full, sdl_loss, token_entropy,
-                    token_logprobs)
+import losses
+
+from losses import (group_advantages, grpo_loss, masked_mean, reverse_kl_full, sdl_full_loss, sdl_loss,
+                    token_entropy, token_logprobs)
 
 f64 = torch.float64
 
@@ -226,6 +228,79 @@ def test_k1_gradient_is_zero_in_expectation():
     assert _kl_grad(theta, log_pt, reverse=True).abs().max() > 1e-2
 
 
+# ---------------------------------------------------------------------------------------------- full-vocabulary SDL
+# Positions n with student hidden states h (n, C) and head W (V, C); the teacher's ht, Wt; all float64.
+
+def _full_inputs(n=4, C=3, V=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, W = torch.randn(n, C, generator=g, dtype=f64), torch.randn(V, C, generator=g, dtype=f64)
+    ht, Wt = torch.randn(n, C, generator=g, dtype=f64), torch.randn(V, C, generator=g, dtype=f64)
+    return h.requires_grad_(), W.requires_grad_(), ht, Wt
+
+
+def test_sdl_full_value_and_gradient_are_the_exact_reverse_kl():
+    h, W, ht, Wt = _full_inputs(n=5)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.5, 1.0], dtype=f64)                  # a weight and an untaught row
+    ht = ht.clone()
+    ht[1] = float("nan")                                                        # garbage where mask == 0
+    loss, m = sdl_full_loss(h, W, ht, Wt, mask, num_tokens=7, chunk_size=2)
+    ref_kl = []
+    for i in range(5):                                                          # enumerate y = 0..V-1 per row
+        logp, logp_t = torch.log_softmax(h[i] @ W.T, 0), torch.log_softmax(ht[i] @ Wt.T, 0)
+        ref_kl.append(sum(logp[y].exp() * (logp[y] - logp_t[y]) for y in range(6)) if mask[i] else 0.0)
+    ref = sum(w * k for w, k in zip(mask, ref_kl)) / 7
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
+    assert m["kl_mean"] == pytest.approx(ref.item() * 7 / mask.sum().item(), rel=1e-12)
+    got, want = torch.autograd.grad(loss, (h, W)), torch.autograd.grad(ref, (h, W))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert got[0][1].eq(0).all() and torch.isfinite(got[1]).all() and got[1].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sdl_full_is_the_k3_estimator_averaged_over_the_sampled_token(seed):
+    """theta != theta_old: sum_y pi_old(y) sdl_loss(y) at each position equals sdl_full_loss, value and gradient.
+    (The existing enumeration tests show that this expectation is the reverse KL and its gradient.)"""
+    h, W, ht, Wt = _full_inputs(seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    log_pold = torch.log_softmax(torch.randn(4, 6, generator=g, dtype=f64) * 1.5, 1)  # not the student's
+    log_pt = torch.log_softmax(ht @ Wt.T, 1)
+    one = torch.ones(1, 1, dtype=f64)
+    expected = 0
+    for i in range(4):
+        logp = torch.log_softmax(h[i] @ W.T, 0)                                 # (V,) with grad
+        for y in range(6):
+            k3, _ = sdl_loss(logp[y].view(1, 1), log_pold[i, y].view(1, 1), log_pt[i, y].view(1, 1), one, num_tokens=4)
+            expected = expected + log_pold[i, y].exp() * k3
+    full, _ = sdl_full_loss(h, W, ht, Wt, torch.ones(4, dtype=f64), num_tokens=4, chunk_size=3)
+    torch.testing.assert_close(full, expected, rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(full, (h, W)), torch.autograd.grad(expected, (h, W))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert b.abs().max() > 1e-2
+
+
+def test_sdl_full_with_no_taught_rows_is_zero_and_backpropagates():
+    h, W, ht, Wt = _full_inputs()
+    loss, m = sdl_full_loss(h, W, ht, Wt, torch.zeros(4, dtype=f64), num_tokens=3)
+    loss.backward()                                                             # train.py backprops every micro-batch
+    assert loss.item() == 0 and m["kl_mean"] == 0 and h.grad.eq(0).all() and W.grad.eq(0).all()
+
+
+def test_tf32_grads_flag_is_a_no_op_on_cpu_and_restored():
+    h, ht, W, tgt, go = _kernel_inputs()
+    m = torch.backends.cuda.matmul
+    before = m.fp32_precision if hasattr(m, "fp32_precision") else m.allow_tf32
+    res = []
+    for tf32 in (False, True):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = token_logprobs(hh, WW, tgt, 8, tf32_grads=tf32), reverse_kl_full(hh, ht, WW, 8, tf32_grads=tf32)
+        res.append([*out, *torch.autograd.grad(out, (hh, WW), (go, go))])
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+    assert before == (m.fp32_precision if hasattr(m, "fp32_precision") else m.allow_tf32)
+    with losses._tf32(True):                                                    # what a CUDA backward runs under
+        assert (m.fp32_precision if hasattr(m, "fp32_precision") else m.allow_tf32) in ("tf32", True)
+
+
 # ---------------------------------------------------------------------------------------------- fused kernels
 
 def _kernel_inputs(N=37, C=16, V=50, seed=0):
@@ -282,7 +357,8 @@ def test_kernel_rejects_bad_inputs():
     for bad in [lambda: token_logprobs(h, W.T, tgt), lambda: token_logprobs(h, W, tgt, chunk_size=0),
                 lambda: token_logprobs(h, W, tgt.clamp(max=0) - 100), lambda: token_logprobs(h, W, tgt[:5]),
                 lambda: reverse_kl_full(h, ht[:3], W), lambda: grpo_loss(h, h, h[:, 0], h[:, :3]),
-                lambda: sdl_loss(h, h, h[:2], torch.ones_like(h))]:
+                lambda: sdl_loss(h, h, h[:2], torch.ones_like(h)), lambda: sdl_full_loss(h, W, ht, W, tgt[:5] * 1.0),
+                lambda: sdl_full_loss(h, W, ht[:3], W, torch.ones(h.shape[0]))]:
         with pytest.raises(ValueError):
             bad()
 
