@@ -32,6 +32,92 @@ def check(name, cond, detail):
     print(f"[{'PASS' if cond else 'FAIL'}] {name}: {detail}", flush=True)
 
 
+def kernel_sweep(device, N=8192, Cs=(1024, 2560), V=151_936, chunks=(512, 1024, 2048, 4096), reps=3):
+    """Fused token_logprobs fwd+bwd, exact fp32 and with TF32 gradient matmuls (tf32_grads=True), per chunk size,
+    against the naive path (materialised (N, V) logits) in fp32; naive TF32 and bf16-autocast rows for context.
+    One table: median time, peak memory above the inputs, errors against naive fp32. Checks: every fused row
+    agrees with naive fp32 (fp32 rel 1e-3, TF32 rel 1e-2), and on CUDA some fused row is <= 1.10x the naive fp32
+    time at <= 0.15x its peak. About 30 s on an H100/H200; `python bench/gpu_check.py --kernel-sweep` runs only
+    this, `--cpu-smoke` dry-runs it on CPU at tiny sizes (times and memory meaningless there)."""
+    cuda, gib = device.type == "cuda", 2 ** 30
+    print(f"kernel sweep: {torch.cuda.get_device_name() if cuda else 'CPU smoke'}, torch {torch.__version__}, "
+          f"N={N} V={V}, fwd+bwd, median of {reps} after a warm-up; ratios are to naive fp32", flush=True)
+    print(f"{'C':>5} {'path':<22} {'ms':>8} {'x time':>7} {'GiB':>6} {'x peak':>7} {'|dlogp|':>8} {'rel dgh':>8} "
+          f"{'rel dgW':>8}", flush=True)
+    for C in Cs:
+        g = torch.Generator(device=device).manual_seed(0)
+        h = (torch.randn(N, C, device=device, generator=g) * 0.5).requires_grad_()   # (N, C)
+        W = (torch.randn(V, C, device=device, generator=g) * 0.02).requires_grad_()  # (V, C)
+        t = torch.randint(0, V, (N,), device=device, generator=g)
+        go = torch.randn(N, device=device, generator=g)                              # upstream d loss / d logp
+
+        def naive(tf32=False, bf16=False):
+            with losses._tf32(tf32):  # the flag is global: backward inside the block too
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    z = h @ W.T                                                      # (N, V)
+                lp = torch.log_softmax(z.float(), -1).gather(1, t[:, None])[:, 0]
+                return (lp.detach(), *torch.autograd.grad(lp, (h, W), go))
+
+        def fused(cs, tf32):
+            lp = losses.token_logprobs(h, W, t, cs, tf32_grads=tf32)
+            return (lp.detach(), *torch.autograd.grad(lp, (h, W), go))
+
+        rows = [("naive fp32", naive), ("naive tf32", lambda: naive(tf32=True)),
+                ("naive bf16 autocast", lambda: naive(bf16=True))]
+        rows += [(f"fused {'tf32' if tf else 'fp32'} chunk {cs}", lambda cs=cs, tf=tf: fused(cs, tf))
+                 for tf in (False, True) for cs in chunks]
+        ref, best = None, {}
+        for name, fn in rows:
+            try:
+                times = []
+                for _ in range(reps + 1):  # the first run warms up cuBLAS and the allocator
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated() if cuda else 0
+                    t0 = time.perf_counter()
+                    out = fn()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    peak = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
+                ms = sorted(times[1:])[len(times[1:]) // 2] * 1e3
+            except Exception as e:  # one broken row must not hide the others
+                check(f"sweep C={C} {name}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                if ref is None:  # no naive fp32 reference: nothing to compare with at this C
+                    break
+                continue
+            ref = ref or (ms, peak, out)
+            err = [(out[0] - ref[2][0]).abs().max().item()] + [
+                ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out[1:], ref[2][1:])]
+            print(f"{C:>5} {name:<22} {ms:>8.1f} {ms / ref[0]:>6.2f}x {peak / gib:>6.2f} {peak / ref[1]:>7.3f} "
+                  f"{err[0]:>8.1e} {err[1]:>8.1e} {err[2]:>8.1e}", flush=True)
+            if name.startswith("fused"):
+                tol = 1e-2 if "tf32" in name else 1e-3
+                if not (err[0] < 1e-3 and max(err[1:]) < tol):
+                    check(f"sweep C={C} {name} agrees with naive fp32", False, f"errors {err}")
+                variant = name.split(" chunk")[0]
+                if peak <= 0.15 * ref[1] and ms < best.get(variant, (float("inf"),))[0]:
+                    best[variant] = (ms, name, peak)
+        for variant, (ms, name, peak) in best.items():
+            print(f"{C:>5} fastest {variant} within 0.15x peak: {name}, {ms / ref[0]:.2f}x time, "
+                  f"{peak / ref[1]:.3f}x peak", flush=True)
+        if cuda:
+            check(f"sweep C={C}: a fused row <= 1.10x naive fp32 time at <= 0.15x peak",
+                  any(ms <= 1.10 * ref[0] for ms, _, _ in best.values()),
+                  ", ".join(f"{v}: {ms / ref[0]:.2f}x" for v, (ms, _, _) in best.items()) or "no row within 0.15x peak")
+        del h, W, t, go, ref
+
+
+if "--kernel-sweep" in sys.argv or "--cpu-smoke" in sys.argv:  # only the sweep: on CUDA, or a tiny CPU dry run
+    if "--cpu-smoke" in sys.argv:
+        kernel_sweep(torch.device("cpu"), N=64, Cs=(16, 40), V=1000, chunks=(16, 64), reps=1)
+    else:
+        kernel_sweep(dev)
+    print("ALL PASS" if ok else "SOME CHECKS FAILED")
+    sys.exit(0 if ok else 1)
+
+
 # 1. parity with transformers on CUDA, fp32 and bf16 autocast
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 torch.manual_seed(0)
@@ -110,5 +196,8 @@ with tempfile.TemporaryDirectory() as d:
           f"{sum(q.numel() for q in big.parameters()) / 1e6:.0f}M params, {time.time() - t0:.0f} s, "
           + (f"step {rows[-1]['step_time']:.1f} s, rollout {rows[-1]['rollout_time']:.1f} s, "
              f"peak {rows[-1]['peak_mem_gb']:.1f} GB" if rows else r.stderr[-1500:]))
+
+# 5. fused-kernel sweep: chunk sizes x (fp32, TF32 gradient matmuls) vs naive
+kernel_sweep(dev)
 print("ALL PASS" if ok else "SOME CHECKS FAILED")
 sys.exit(0 if ok else 1)
