@@ -106,7 +106,6 @@ def kernel_sweep(device, N=8192, Cs=(1024, 2560), V=151_936, chunks=(512, 1024, 
             check(f"sweep C={C}: a fused row <= 1.10x naive fp32 time at <= 0.15x peak",
                   any(ms <= 1.10 * ref[0] for ms, _, _ in best.values()),
                   ", ".join(f"{v}: {ms / ref[0]:.2f}x" for v, (ms, _, _) in best.items()) or "no row within 0.15x peak")
-        del h, W, t, go, ref
 
 
 if "--kernel-sweep" in sys.argv or "--cpu-smoke" in sys.argv:  # only the sweep: on CUDA, or a tiny CPU dry run
