@@ -31,9 +31,13 @@ Deliberate simplifications and choices:
 - Any unparsable turn (a word that is not a move, no moves at all) is a no-op: the room does not change and
   the turn counts. format_penalty defaults to -0.1 with reward="shaped" and to 0.0 with reward="completion"
   (the contract: completion steps return 0 until the done step).
+- "sokoban-paper" is the paper's setting as a second-hand reading guide gives it (6x6, 2 boxes, 96 training and
+  64 test levels, at most 40 moves, curriculum): our generator (search depth 30, like every other env here), so
+  its levels need 2 to 18 moves, not necessarily the paper's levels. The curriculum schedule is ours.
 - The AppWorld adapter has NOT been run against real AppWorld (its data cannot be downloaded here); it is
   written against the appworld 0.1.x API and tested with a stand-in world object.
 """
+import math
 import random
 import re
 
@@ -387,17 +391,46 @@ def _check_room(fixed, state):
 
 TASK_SETS = {"train": (0, 256), "eval": (1_000_000, 128)}  # name -> (first seed, default size); ranges of 1e6
                                                            # seeds each, disjoint
+# The paper's Sokoban setting (PAPER.md section 5): fixed sets of 96 training and 64 test levels, every one
+# solvable within the 40-move budget. Training levels are seeds 0..95 ordered by optimal length (envs.solve,
+# moves), ties by seed, so a curriculum can serve a prefix; test levels are seeds 1_000_000..1_000_063 in seed
+# order (so --eval-n 16 is a plain subset, not the easiest 16). Pinned here so no run pays for the solver;
+# tests/test_envs.py recomputes both lists and pins digests of the rendered rooms.
+FIXED_SETS = {"sokoban-paper": {
+    "train": [23, 48, 53, 62, 67, 90, 57, 1, 4, 21, 37, 46, 50, 52, 55, 58, 61, 68, 6, 42, 45, 65, 83, 95, 3, 8, 10,
+              11, 20, 31, 33, 34, 35, 78, 82, 94, 7, 17, 22, 28, 29, 39, 40, 41, 43, 49, 51, 54, 63, 64, 72, 73, 84,
+              86, 13, 14, 15, 16, 18, 38, 71, 74, 80, 93, 12, 30, 47, 81, 89, 5, 26, 27, 60, 88, 0, 32, 44, 76, 85,
+              92, 9, 56, 70, 77, 87, 91, 19, 25, 66, 75, 79, 2, 36, 24, 59, 69],
+    "eval": list(range(1_000_000, 1_000_064))}}
 
 
-def task_set(name, n=None):
-    """Fixed seeds of a named split: 'train' (256 by default, revisited during training) or 'eval' (128)."""
+def task_set(name, n=None, env="sokoban"):
+    """Fixed seeds of a named split of an env: 'train' (revisited during training) or 'eval'. Envs in FIXED_SETS
+    have fixed lists (n <= their size, default all; the first n of the list); the others seed ranges ('train'
+    256 by default, 'eval' 128; n up to 1e6)."""
     if name not in TASK_SETS:
         raise ValueError(f"unknown task set {name!r}; known: {sorted(TASK_SETS)}")
+    fixed = FIXED_SETS.get(env, {}).get(name)
     first, default = TASK_SETS[name]
-    n = default if n is None else int(n)
-    if not 1 <= n <= 1_000_000:
-        raise ValueError(f"n must be in 1..1000000, got {n}")
-    return list(range(first, first + n))
+    limit = len(fixed) if fixed else 1_000_000
+    n = (len(fixed) if fixed else default) if n is None else int(n)
+    if not 1 <= n <= limit:
+        raise ValueError(f"n must be in 1..{limit} for the {name} set of {env}, got {n}")
+    return fixed[:n] if fixed else list(range(first, first + n))
+
+
+def curriculum(n_tasks, step, steps, start=0.25, full_at=0.5):
+    """How many of the easiest tasks (a prefix of a difficulty-ordered set) are eligible at 0-based `step` of a
+    `steps`-step run: ceil(start * n_tasks) at step 0, growing linearly to all of them at step full_at * steps,
+    all from then on. start=1 switches it off. Why these defaults: the paper names a curriculum but not its
+    schedule; a quarter of the set to begin with keeps early groups learnable, and the whole second half of the
+    run sees every level, so the final model is not trained mostly on easy ones."""
+    if n_tasks < 1 or step < 0 or steps < 0 or not (0 < start <= 1 and 0 <= full_at <= 1):
+        raise ValueError(f"curriculum needs n_tasks >= 1, step >= 0, steps >= 0, 0 < start <= 1, 0 <= full_at <= 1;"
+                         f" got {n_tasks}, {step}, {steps}, {start}, {full_at}")
+    ramp = full_at * steps
+    frac = 1.0 if step >= ramp else start + (1 - start) * step / ramp
+    return min(n_tasks, max(1, math.ceil(round(frac * n_tasks, 9))))  # round: 0.25 * 96 must stay 24
 
 
 def _is_corner(fixed, r, c):
@@ -552,13 +585,18 @@ class AppWorld:
 
 # ----------------------------------------------------------------------------------------------------------
 
-# 8x8 / 2-box levels need up to ~20 moves (vs <= 11 for 6x6 / 1 box), hence more turns by default
+# 8x8 / 2-box levels need up to ~20 moves (vs <= 11 for 6x6 / 1 box), hence more turns by default.
+# sokoban-paper: the paper's 6x6 / 2 boxes with at most 40 moves per episode, as 10 turns x 4 moves: the cap holds
+# by construction (a turn's extra moves are ignored), the optimal solutions (2..18 moves) fit 2x over, and 10
+# observations keep an episode's context small (40 turns x 1 move would repeat the map 40 times). Its task sets
+# are fixed (FIXED_SETS). Completion reward: Acc = solved, Comp = boxes on targets.
 ENVS = {"sokoban": dict(dim=(6, 6), num_boxes=1),
-        "sokoban-8x8-2": dict(dim=(8, 8), num_boxes=2, max_turns=8)}
+        "sokoban-8x8-2": dict(dim=(8, 8), num_boxes=2, max_turns=8),
+        "sokoban-paper": dict(dim=(6, 6), num_boxes=2, max_turns=10, max_actions_per_turn=4)}
 
 
 def make_env(name, **kw):
-    """make_env('sokoban' | 'sokoban-8x8-2' | 'appworld', **overrides) -> a fresh env."""
+    """make_env('sokoban' | 'sokoban-8x8-2' | 'sokoban-paper' | 'appworld', **overrides) -> a fresh env."""
     if name == "appworld":
         return AppWorld(**kw)
     if name not in ENVS:

@@ -2,18 +2,24 @@
 
     python eval.py --model smollm2-135m                  # the base model, greedy, 128 evaluation puzzles
     python eval.py --model runs/default/ckpt-000040      # a checkpoint written by train.py
+    python eval.py --model runs/default/ckpt-000040 --split eval train --out runs/default   # + training levels
     python eval.py --plot runs/default/metrics.jsonl     # training curves to PNG (needs matplotlib)
+    python eval.py --compare runs/study/*/ --out runs/study   # methods x seeds: compare.md, compare.png
 
 Metrics (Sokoban): Acc = % of puzzles solved, Comp = mean % of boxes on targets at the end, mean turns,
 invalid-output rate (turns whose answer could not be parsed), and on solved puzzles the ratio of moves taken to
 the optimal number of moves (from `envs.solve`; only the report sees the solver, never the agent).
 
 Deliberate simplifications: evaluation is greedy by default (temperature 0) and uses the plain task prompt, never
-a skill; in a torchrun job each rank evaluates a slice of the set and train.py gathers the slices.
+a skill; in a torchrun job each rank evaluates a slice of the set and train.py gathers the slices. The comparison
+reads only each run folder's small text files (run.json, args.json, metrics.jsonl, eval.json, eval_train.json), so
+committed copies of them reproduce it; its spread is the sample std (n - 1) and the min-max over seeds, nothing
+fancier (3 seeds support no confidence interval worth printing).
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -103,17 +109,26 @@ PLOT_KEYS = [("reward", "mean episode reward"), ("success", "training success ra
              ("entropy", "entropy (nats/token)"), ("eval_acc", "eval Acc %"), ("eval_comp", "eval Comp %")]
 
 
-def plot(metrics_path, out_png=None):
-    """Draw the training curves of a metrics.jsonl into one PNG (matplotlib is an optional extra)."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plotting needs matplotlib, an optional extra: pip install matplotlib")
+    return plt
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+
+
+def plot(metrics_path, out_png=None):
+    """Draw the training curves of a metrics.jsonl into one PNG (matplotlib is an optional extra)."""
+    plt = _pyplot()
     if not os.path.exists(metrics_path):
         raise SystemExit(f"no such metrics file: {metrics_path}")
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    rows = read_jsonl(metrics_path)
     keys = [(k, t) for k, t in PLOT_KEYS if any(r.get(k) is not None for r in rows)]
     if not keys:
         raise SystemExit(f"{metrics_path} has none of the plotted metrics: {[k for k, _ in PLOT_KEYS]}")
@@ -135,11 +150,88 @@ def plot(metrics_path, out_png=None):
     return out_png
 
 
+def load_run(run_dir):
+    """One run folder (or a base-model evaluation folder) -> the numbers the comparison needs."""
+    def read(name):
+        path = os.path.join(run_dir, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+    run, args, ev, tr = read("run.json") or {}, read("args.json"), read("eval.json"), read("eval_train.json")
+    if ev is None:
+        raise SystemExit(f"error: {run_dir} has no eval.json (not a finished run or evaluation)")
+    if args:  # a training run not made by study.py: name it by its method flags
+        label = args["method"] + ("-frozen" if args.get("teacher") == "frozen" else "") + \
+            ("-offpolicy" if args.get("rollout_owner") == "teacher" else "")
+    curve = [(m["step"], m["eval_acc"]) for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+             if m.get("eval_acc") is not None]
+    return {"name": run.get("name") or (label if args else ev["model"]), "eval": ev["summary"],
+            "train": tr and tr["summary"], "curve": curve, "wall_s": run.get("wall_s"), "base": not args}
+
+
+def spread(xs):
+    """'mean ± std (min-max)' over seeds (sample std); the mean alone for one value; '-' for none."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return f"{xs[0]:.1f}" if xs else "-"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def compare(run_dirs, out_dir):
+    """Group runs by name (method variant), write compare.md (the table) and compare.png (eval Acc against step:
+    the mean over seeds as a line, their min-max as a band; base models as dashed lines); return the table."""
+    groups = {}
+    for d in run_dirs:
+        r = load_run(d)
+        groups.setdefault(r["name"], []).append(r)
+    cols = lambda rs, split, k: [r[split][k] if r[split] else None for r in rs]  # noqa: E731
+    ns = lambda rs, split: "/".join(sorted({str(r[split]["n"]) for r in rs if r[split]})) or "-"  # noqa: E731
+    lines = ["| method | seeds | eval n | Acc % | Comp % | train n | train Acc % | train Comp % | wall / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(groups.items(), key=lambda kv: not kv[1][0]["base"]):  # base models first
+        walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
+        wall = f"{statistics.mean(walls) / 60:.1f} min" if walls else "-"
+        lines.append(f"| {name} | {len(rs)} | {ns(rs, 'eval')} | {spread(cols(rs, 'eval', 'acc'))} | "
+                     f"{spread(cols(rs, 'eval', 'comp'))} | {ns(rs, 'train')} | {spread(cols(rs, 'train', 'acc'))} | "
+                     f"{spread(cols(rs, 'train', 'comp'))} | {wall} |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(table)
+    try:
+        plt = _pyplot()
+    except SystemExit as e:
+        print(f"no compare.png: {e}")
+        return table
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in groups.items():
+        curves = [dict(r["curve"]) for r in rs if r["curve"]]
+        if rs[0]["base"]:
+            ax.axhline(statistics.mean(r["eval"]["acc"] for r in rs), ls="--", color="gray", label=name)
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed has evaluated at
+        ys = [[c[s] for s in steps] for c in curves]  # (seeds, steps)
+        line, = ax.plot(steps, [statistics.mean(col) for col in zip(*ys)], marker=".", label=f"{name} ({len(ys)} seeds)")
+        ax.fill_between(steps, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)], alpha=0.2,
+                        color=line.get_color())
+    ax.set(xlabel="step", ylabel="eval Acc %", title="eval Acc: mean over seeds, band = min-max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=100)
+    plt.close(fig)
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on the fixed Sokoban evaluation set, or plot curves.")
     p.add_argument("--model", default="smollm2-135m", help="'tiny', 'smollm2-135m', an HF id, or a checkpoint folder")
     p.add_argument("--env", default="sokoban", help="environment name (envs.make_env); default sokoban (6x6, 1 box)")
     p.add_argument("--n", type=int, default=32, help="number of evaluation puzzles (first n of the fixed set)")
+    p.add_argument("--split", nargs="+", default=["eval"], choices=["eval", "train"],
+                   help="task sets to play: eval (held out; writes eval.json/.md) and/or train (the training "
+                        "levels, same greedy code; writes eval_train.json/.md)")
+    p.add_argument("--train-n", type=int, default=None,
+                   help="training puzzles for --split train (first n of the training set; default: all of it)")
     p.add_argument("--max-turns", type=int, default=3, help="turns per episode (as train.py)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="token budget per model turn (as train.py)")
     p.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
@@ -147,29 +239,37 @@ def main(argv=None):
                         "also move words anywhere in the text")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=16, help="puzzles played at once")
-    p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
+    p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md (or compare.md/.png)")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="instead of evaluating, plot this metrics.jsonl to PNG")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="instead of evaluating, compare run folders (grouped by method; mean, std and min-max over "
+                        "seeds; base-model folders as rows) into OUT/compare.md and OUT/compare.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.plot:
         print("wrote", plot(args.plot))
         return
-    if args.n < 1:
-        p.error("--n must be >= 1")
+    if args.compare:
+        print(compare(args.compare, args.out), end="")
+        return
+    if args.n < 1 or (args.train_n is not None and args.train_n < 1):
+        p.error("--n and --train-n must be >= 1")
     try:
+        seeds = {s: envs.task_set(s, args.n if s == "eval" else args.train_n, env=args.env) for s in args.split}
         model, tok = M.load(args.model, device=args.device)
-        seeds = envs.task_set("eval", args.n)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     model.eval()
-    with torch.no_grad(), M.autocast(args.device):
+    for split in dict.fromkeys(args.split):
         kw = {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {}),
-              **({"split": "dev"} if args.env == "appworld" else {})}
-        results = evaluate(model, tok, args.env, seeds, args.max_new_tokens, kw,
-                           temperature=args.temperature, batch_size=args.batch_size, progress=True)
-    summary = summarize(results)
-    write_report(args.out, f"{args.model} ({args.parse} parsing)", results, summary)
-    print(markdown_table([(args.model, summary)]))
+              **({"split": "dev" if split == "eval" else "train"} if args.env == "appworld" else {})}
+        with torch.no_grad(), M.autocast(args.device):
+            results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, kw,
+                               temperature=args.temperature, batch_size=args.batch_size, progress=True)
+        summary = summarize(results)
+        name = f"{args.model} ({args.parse} parsing{', training levels' if split == 'train' else ''})"
+        write_report(args.out, name, results, summary, tag="eval" if split == "eval" else "eval_train")
+        print(markdown_table([(f"{args.model} [{split}]", summary)]))
 
 
 if __name__ == "__main__":

@@ -245,6 +245,61 @@ def test_task_sets_solvable_disjoint_and_within_budget():
         envs.task_set("test")
 
 
+# sha256 of the paper setting's rendered rooms, in set order ("\n\n" after each): pinned, so no change to the
+# generator or the lists can move the levels silently
+PAPER_DIGESTS = {"train": "254b789cecd1fa9051c39fdd9b9c06ce3df7ca942f8e058c8ca34ffd57744576",
+                 "eval": "fcc2d02eb2634a3b8b5aff56a2c6c27e200a78469a3ddc5fb2bfbb633cb9c9cc"}
+
+
+def test_paper_task_sets_fixed_solvable_and_ordered_by_difficulty():
+    """Recompute both pinned lists from their rule with the solver, replay each solution through the env in
+    4-move turns (the dynamics are checked against gym-sokoban above) and pin digests of the rooms (~2 s)."""
+    env = envs.make_env("sokoban-paper")
+    assert (env.dim, env.num_boxes, env.max_turns * env.max_actions_per_turn) == ((6, 6), 2, 40)
+    lengths = {}
+    for name, first, size in (("train", 0, 96), ("eval", 1_000_000, 64)):
+        seeds, h = envs.task_set(name, env="sokoban-paper"), hashlib.sha256()
+        assert len(seeds) == len(set(seeds)) == size
+        ok = {}  # the rule: the first `size` seeds of the split's range solvable within 40 moves
+        for s in range(first, first + 10 * size):
+            path = envs.solve(*envs.generate_room(s, (6, 6), 2), max_depth=40)
+            if path is not None:
+                ok[s] = path
+            if len(ok) == size:
+                break
+        want = sorted(ok, key=lambda s: (len(ok[s]), s)) if name == "train" else list(ok)
+        assert seeds == want
+        for s in seeds:
+            env.reset(s)
+            h.update((envs.render(env.room_fixed, env.room_state) + "\n\n").encode())
+            plan = ok[s]
+            for i in range(0, len(plan), 4):
+                _, _, done, info = env.step("<action>" + " || ".join(plan[i:i + 4]) + "</action>")
+            assert info["success"] and info["completion"] == 1.0 and int((env.room_state == 3).sum()) == 2
+        assert h.hexdigest() == PAPER_DIGESTS[name], name
+        lengths[name] = [len(ok[s]) for s in seeds]
+    assert lengths["train"] == sorted(lengths["train"]) and lengths["train"][0] < lengths["train"][-1]
+    assert not set(envs.task_set("train", env="sokoban-paper")) & set(envs.task_set("eval", env="sokoban-paper"))
+    assert envs.task_set("train", 10, env="sokoban-paper") == envs.task_set("train", env="sokoban-paper")[:10]
+    assert envs.task_set("train", env="sokoban-8x8-2") == envs.task_set("train")  # other envs: seed ranges
+    with pytest.raises(ValueError, match="1..96"):
+        envs.task_set("train", 97, env="sokoban-paper")
+
+
+def test_curriculum_schedule():
+    # hand-computed: 96 tasks, 180 steps, start 1/4, full at step 90
+    assert [envs.curriculum(96, s, 180) for s in (0, 1, 45, 89, 90, 179)] == [24, 25, 60, 96, 96, 96]
+    assert envs.curriculum(10, 0, 100, start=0.25) == 3  # ceil(2.5)
+    assert envs.curriculum(10, 0, 100, start=0.01) == 1  # never empty
+    ks = [envs.curriculum(96, s, 180, start=0.1, full_at=0.8) for s in range(180)]
+    assert ks == sorted(ks) and ks[-1] == 96 and ks[0] == 10
+    assert {envs.curriculum(96, s, 180, start=1.0) for s in range(180)} == {96}  # off
+    assert envs.curriculum(96, 0, 180, full_at=0.0) == 96 and envs.curriculum(96, 0, 0) == 96
+    for bad in [(0, 0, 10), (10, -1, 10), (10, 0, 10, 0.0), (10, 0, 10, 0.5, 1.5)]:
+        with pytest.raises(ValueError, match="curriculum needs"):
+            envs.curriculum(*bad)
+
+
 @pytest.mark.slow
 def test_8x8_two_box_levels_solvable():
     env = envs.make_env("sokoban-8x8-2")
@@ -335,7 +390,7 @@ def test_envs_imports_only_numpy_and_stdlib():
     tree = ast.parse(open(os.path.join(ROOT, "envs.py")).read())
     top = {n.names[0].name.split(".")[0] for n in tree.body if isinstance(n, ast.Import)}
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
-    assert top <= {"random", "re", "numpy"}, top
+    assert top <= {"math", "random", "re", "numpy"}, top
     out = subprocess.run([sys.executable, "-c", "import sys, envs; print('torch' in sys.modules)"], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
