@@ -40,11 +40,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import envs
-import eval as E
 import losses
-import model as M
-import rollout as R
-import skills as S
+import rollout
+import skills
+from eval import evaluate, plot, summarize, write_report
+from model import Transformer, autocast, load as load_model, save as save_model
 
 METHODS = {  # method -> (GRPO term, SDL term, student prompt carries the skill)
     "skill-sd": (True, True, False),
@@ -144,7 +144,7 @@ def parse_args(argv=None):
         if not ok:
             p.error(msg)
     try:
-        S.check_backend(args.summarizer, complete=(lambda x: x), model=args.summarizer_model)
+        skills.check_backend(args.summarizer, complete=(lambda x: x), model=args.summarizer_model)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -164,7 +164,7 @@ def setup_dist(args):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def gather(obj, world):
+def all_gather_objects(obj, world):
     """Every rank's obj, in rank order (all ranks get the same list)."""
     if world == 1:
         return [obj]
@@ -213,7 +213,7 @@ def shard(model):
 
 
 @contextmanager
-def gathered(*models):
+def full_weights(*models):
     """Full weights for sampling, scoring and evaluation under FSDP. Ranks decode different numbers of tokens,
     so the all-gather inside every forward would hang; instead gather once here, run collective-free, reshard.
     A no-op for replicated models."""
@@ -251,13 +251,108 @@ def episode_dict(ep, env_name, task_prompt):
             "facts": envs.sokoban_facts(ep.history) if env_name.startswith("sokoban") else None}
 
 
-def score(model, b, inv_t, chunk):
+def policy_logprobs(model, b, inv_t, chunk):
     """Hidden states / T at a batch's sampled positions, flattened row-major over its mask, and their fp32
     log-probs under the tempered policy softmax(logits / T) = softmax((h / T) @ W.T): (n, C), (n,)."""
-    with M.autocast(b["idx"].device):
+    with autocast(b["idx"].device):
         h = model(b["idx"], return_hidden=True)  # (B, T, C)
     hs = h[b["mask"] > 0].float() * inv_t  # (n, C)
     return hs, losses.token_logprobs(hs, model.head_weight.float(), b["tgt"][b["mask"] > 0], chunk)
+
+
+def teacher_logprobs(t_model, episodes, pad_id, device, inv_t, args):
+    """logp_teacher of every episode's sampled tokens, one (n_i,) tensor per episode, in micro-batches.
+    The episodes carry the teacher's prompt (`reprompt` swaps only the prompt, so every episode keeps its sampled
+    tokens, their order and count: the flat log-probs split back per episode by its own mask)."""
+    out = []
+    t_model.eval()
+    with torch.no_grad():
+        for j in range(0, len(episodes), args.micro_batch):
+            chunk = episodes[j:j + args.micro_batch]
+            flat = policy_logprobs(t_model, rollout.batch_tensors(chunk, pad_id, device), inv_t, args.chunk_size)[1]
+            out += flat.split([sum(e.mask) for e in chunk])
+    return out
+
+
+def add_metrics(sums, metrics, weight):
+    """Accumulate a loss's metrics into `sums`: token-weighted sums, except maxima (keys ending in _max)."""
+    for k, v in metrics.items():
+        sums[k] = max(sums.get(k, -math.inf), float(v)) if k.endswith("_max") else sums.get(k, 0.0) + float(v) * weight
+
+
+def reduce_metrics(parts, world):
+    """One metrics dict from every rank's (means, weighted, summed, maxed, counts): per-episode means averaged
+    (every rank has as many episodes), (sum, weight) pairs divided after summing both, sums and counts summed,
+    maxima maxed. Pure: no communication."""
+    means, weighted, summed, maxed, counts = zip(*parts)
+    m = {k: sum(p[k] for p in means) / world for k in means[0]}
+    for k in sorted(set().union(*weighted)):
+        num, den = (sum(p[k][i] for p in weighted if k in p) for i in (0, 1))
+        m[k] = num / den if den else None
+    m.update({k: None if v is None else sum(p[k] for p in summed) for k, v in summed[0].items()})
+    m.update({k: max(p[k] for p in maxed if k in p) for k in sorted(set().union(*maxed))})
+    total = {k: sum(p.get(k, 0) for p in counts) for k in sorted(set().union(*counts))}
+    return m, total
+
+
+def step_metrics(step, eps, rewards, frac_zero_var, distilled, sums, use_grpo, use_sdl, summarizer, bank, world):
+    """The step's metrics over all ranks (a collective: every rank calls it)."""
+    n_local, n_distill = sum(sum(e.mask) for e in eps), sums.get("n_distill", 0.0)
+    means = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
+             "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
+             "distill_frac": len(distilled) / len(eps) if use_sdl else 0.0,
+             "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
+    weighted = {"entropy": (sums.get("entropy_sum", 0.0), n_local), "gap": (sums.get("gap_sum", 0.0), n_distill),
+                **{k: (sums[k], n_local) for k in ("clip_frac", "ratio_mean") if k in sums},
+                **{k: (sums[k], n_distill) for k in ("l_mean", "rho_mean", "k3_mean") if k in sums}}
+    summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
+              "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
+    maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
+    counts = {**{k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))},
+              **{k: bank.counters[k] for k in ("selects", "hits", "fallbacks")}}  # per rank: summed
+    m, total = reduce_metrics(all_gather_objects((means, weighted, summed, maxed, counts), world), world)
+    m = {"step": step + 1, **m}
+    m["skills"] = {**bank.metrics(), **{k: total[k] for k in ("selects", "hits", "fallbacks")},
+                   "hit_rate": total["hits"] / max(total["selects"], 1),
+                   "fallback_rate": total["fallbacks"] / max(total["selects"], 1)}
+    m["summarizer"] = {k: v for k, v in total.items() if k not in ("selects", "hits", "fallbacks")}
+    return m
+
+
+def log_episodes(args, step, eps, student_eps, picked):
+    """A few episodes per step, decoded AND as token ids / mask / sampler log-probs, so anyone can re-score them."""
+    G = args.group_size
+    with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
+        for i, e in enumerate(eps[:args.log_episodes]):
+            f.write(json.dumps({"step": step + 1, "task_id": e.task_id, "reward": e.reward, "success": e.success,
+                                "skill": None if picked[i // G] is None else picked[i // G].golden_workflow,
+                                "responses": e.responses, "observations": e.observations,
+                                "tokens": student_eps[i].tokens, "mask": student_eps[i].mask,
+                                "logprobs": student_eps[i].logprobs}) + "\n")
+
+
+def read_skill_file(path):
+    """--skill-file: one static skill for every task (None without the flag)."""
+    if not path:
+        return None
+    try:
+        skill = skills.parse_skill(open(path).read())
+    except OSError as e:
+        raise ValueError(f"cannot read --skill-file: {e}")
+    if skill is None:
+        raise ValueError(f"{path} holds no skill JSON with success_analysis, mistake_analysis, golden_workflow")
+    return skill
+
+
+def make_summarizer(args, model, tok, device):
+    """The skill summariser; `self` asks the policy itself, greedily."""
+    def complete(prompts):
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                 for q in prompts]
+        with torch.no_grad(), autocast(device):
+            return rollout.generate(model, tok, texts, max_new_tokens=256, temperature=0.0)
+    return skills.AsyncSummarizer(args.summarizer, complete=complete, sync=not args.summarizer.startswith("openai:"),
+                                  model=args.summarizer_model)
 
 
 def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args, rank):
@@ -272,9 +367,9 @@ def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats,
     tmp = os.path.join(out, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with torch.device("meta"):  # no second random init: the gathered weights are assigned in place
-        plain = M.Transformer(model.config)
+        plain = Transformer(model.config)
     plain.load_state_dict(weights, assign=True)
-    M.save(plain, tok, tmp)
+    save_model(plain, tok, tmp)
     state = {"step": step, "optimizer": optim, "args": vars(args),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
              "teacher": t_weights, "summarizer": dict(summarizer_stats)}
@@ -304,14 +399,14 @@ def truncate_jsonl(path, last_step):
 def run_eval(model, tok, args, rank, world, device, step):
     seeds = envs.task_set("eval", args.eval_n)
     model.eval()
-    with torch.no_grad(), M.autocast(device), gathered(model):
-        mine = E.evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args, "eval"),
+    with torch.no_grad(), autocast(device), full_weights(model):
+        mine = evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args, "eval"),
                           temperature=0.0, seed=args.seed, progress=False)
     model.train()
-    results = sorted(sum(gather(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
-    summary = E.summarize(results)
+    results = sorted(sum(all_gather_objects(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
+    summary = summarize(results)
     if rank == 0:
-        E.write_report(args.out, f"{args.model} @ step {step} ({args.method}, {args.parse} parsing)", results, summary)
+        write_report(args.out, f"{args.model} @ step {step} ({args.method}, {args.parse} parsing)", results, summary)
     return summary
 
 
@@ -330,12 +425,13 @@ def main(argv=None):
     uses_bank = (use_sdl or skill_in_student) and not args.skill_file  # grpo needs no summariser at all
 
     try:
-        model, tok = M.load(args.model, device=device)
+        model, tok = load_model(args.model, device=device)
         make_env = lambda: envs.make_env(args.env, **env_kwargs(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
         train_seeds = envs.task_set("train", args.train_tasks)
         if args.eval_n > 0:
             envs.task_set("eval", args.eval_n)
+        fixed_skill = read_skill_file(args.skill_file)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     model.train()
@@ -348,24 +444,8 @@ def main(argv=None):
     if args.fsdp:
         model, teacher = shard(model), teacher and shard(teacher)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    fixed_skill = None
-    if args.skill_file:
-        try:
-            fixed_skill = S.parse_skill(open(args.skill_file).read())
-        except OSError as e:
-            sys.exit(f"error: cannot read --skill-file: {e}")
-        if fixed_skill is None:
-            sys.exit(f"error: {args.skill_file} holds no skill JSON with success_analysis, mistake_analysis, "
-                     f"golden_workflow")
-    bank = S.SkillBank(c=args.ucb_c, seed=args.seed)
-
-    def complete(prompts):  # the `self` summariser: the policy answers greedily
-        texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-                 for q in prompts]
-        with torch.no_grad(), M.autocast(device):
-            return R.generate(model, tok, texts, max_new_tokens=256, temperature=0.0)
-    summarizer = S.AsyncSummarizer(args.summarizer, complete=complete, sync=not args.summarizer.startswith("openai:"),
-                                   model=args.summarizer_model)
+    bank = skills.SkillBank(c=args.ucb_c, seed=args.seed)
+    summarizer = make_summarizer(args, model, tok, device)
 
     start = 0
     os.makedirs(args.out, exist_ok=True)
@@ -374,7 +454,7 @@ def main(argv=None):
         if not os.path.exists(latest):
             sys.exit(f"error: --resume but no checkpoint in {args.out} (no 'latest' file)")
         ckpt = os.path.join(args.out, open(latest).read().strip())
-        set_model_state_dict(model, M.load(ckpt, device=device)[0].state_dict(), options=FULL)
+        set_model_state_dict(model, load_model(ckpt, device=device)[0].state_dict(), options=FULL)
         state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=FULL)
         random.setstate(state["rng"]["python"])
@@ -382,7 +462,7 @@ def main(argv=None):
         torch.set_rng_state(state["rng"]["torch"])
         if state["teacher"] is not None and teacher is not None:
             set_model_state_dict(teacher, state["teacher"], options=FULL)
-        bank = S.SkillBank.load(os.path.join(ckpt, "skills.json"))
+        bank = skills.SkillBank.load(os.path.join(ckpt, "skills.json"))
         if rank == 0:  # counters are per rank and summed for the metrics: only rank 0's were saved
             summarizer.stats.update(state["summarizer"])
         else:
@@ -399,114 +479,101 @@ def main(argv=None):
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
                disable=rank != 0, dynamic_ncols=True)
-    P_local = args.prompts_per_step // world
+    P, G = args.prompts_per_step // world, args.group_size  # this rank's groups, episodes per group
     # The policy trained (and distilled) is the one that sampled: softmax(logits / T). Greedy (T = 0) -> T = 1.
     inv_t = 1.0 / args.temperature if args.temperature > 0 else 1.0
     for step in bar:
         t0 = time.time()
-        # ---- tasks: the same permutation on every rank; rank r takes its own groups
+        # 1. tasks: one permutation per step, the same on every rank (the constant only decorrelates it from
+        #    the episode seeds); rank r takes its own P groups, so a group never spans ranks
         order = np.random.default_rng(args.seed * 7919 + step).permutation(len(train_seeds))
-        groups = list(range(rank * P_local, (rank + 1) * P_local))  # global group indices of this rank
+        groups = list(range(rank * P, (rank + 1) * P))  # global group indices of this rank
         seeds = [train_seeds[order[g % len(train_seeds)]] for g in groups]
-        picked = [fixed_skill or (bank.select(s) if uses_bank else None) for s in seeds]  # (P_local,) Skill or None
-        skill_prompts = [S.teacher_prompt(k, task_prompt) for k in picked]
+        picked = [fixed_skill or (bank.select(s) if uses_bank else None) for s in seeds]  # (P,) Skill or None
+        skill_prompts = [skills.teacher_prompt(k, task_prompt) for k in picked]
 
-        # Sampling, summarising and teacher scoring run on full weights (a no-op unless --fsdp)
-        with gathered(model, teacher):
-            # ---- rollouts of all this rank's groups in one batch
-            owner = (teacher or model) if args.rollout_owner == "teacher" else model
-            owner_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
+        with full_weights(model, teacher):  # sampling and teacher scoring run on full weights (no-op unless --fsdp)
+            # 2. rollouts of all this rank's groups in one batch: the student under the plain prompt, except the
+            #    off-policy ablation (the teacher plays) and skill-augmented GRPO (the student sees the skill)
+            player = (teacher or model) if args.rollout_owner == "teacher" else model
+            player_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
             model.eval()
-            with torch.no_grad(), M.autocast(device):
-                eps = R.rollout(owner, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p,
-                                generator=episode_rngs(args.seed, step, groups, args.group_size),
-                                max_len=args.max_len, system_prompts=owner_prompts)
+            with torch.no_grad(), autocast(device):
+                eps = rollout.rollout(player, tok, make_env, seeds, G, args.max_turns, args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p,
+                                      generator=episode_rngs(args.seed, step, groups, G),
+                                      max_len=args.max_len, system_prompts=player_prompts)
             model.train()
             t_roll = time.time() - t0
             # The student always learns on the plain prompt, except in skill-augmented GRPO.
-            student_eps = [R.reprompt(e, tok, task_prompt) for e in eps] if args.rollout_owner == "teacher" else eps
-            rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32).view(P_local, args.group_size)
+            student_eps = [rollout.reprompt(e, tok, task_prompt) for e in eps] if args.rollout_owner == "teacher" else eps
+
+            # 3. rewards and group advantages
+            rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32).view(P, G)
             adv, frac_zero_var = losses.group_advantages(rewards)
             adv = adv.view(-1).to(device)  # (B,) one advantage per episode
 
-            # ---- summarise this step's episodes; skills finished by now (all ranks') enter every rank's bank
+            # 4. skills: submit this step's episodes; skills finished by now (all ranks') enter every rank's bank
             if uses_bank:
                 summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
-            for new in gather(summarizer.collect(), world):
+            for new in all_gather_objects(summarizer.collect(), world):
                 for k in new:
                     bank.add(k)
 
-            # ---- teacher log-probs on skill + task + the student's exact tokens
-            B = len(student_eps)
-            has_skill = [picked[i // args.group_size] is not None for i in range(B)]
-            sdl_rows = [i for i in range(B) if has_skill[i]] if use_sdl else []
-            lt_flat = {}
-            if sdl_rows:
-                t_model = teacher or model
-                t_model.eval()
-                for j in range(0, len(sdl_rows), args.micro_batch):
-                    rows = sdl_rows[j:j + args.micro_batch]
-                    t_eps = [eps[i] if args.rollout_owner == "teacher" else R.reprompt(eps[i], tok, skill_prompts[i // args.group_size])
-                             for i in rows]
-                    with torch.no_grad():
-                        vals = score(t_model, R.batch_tensors(t_eps, pad_id, device), inv_t, args.chunk_size)[1]  # (n,)
-                    lt_flat.update(zip(rows, vals.split([sum(student_eps[i].mask) for i in rows])))
-                model.train()
+            # 5. teacher log-probs of the student's exact tokens under skill + task (groups with a skill only)
+            distilled = [i for i in range(len(eps)) if picked[i // G] is not None] if use_sdl else []
+            t_eps = [eps[i] if args.rollout_owner == "teacher" else rollout.reprompt(eps[i], tok, skill_prompts[i // G])
+                     for i in distilled]
+            logp_teacher = dict(zip(distilled, teacher_logprobs(teacher or model, t_eps, pad_id, device, inv_t, args)))
+            model.train()
 
-        # ---- loss over micro-batches, normalised by the global number of sampled tokens
-        n_local = sum(sum(e.mask) for e in student_eps)
-        num_tokens = torch.tensor(float(n_local), device=device)
+        # 6. loss over micro-batches, normalised by the global number of sampled tokens N
+        num_tokens = torch.tensor(float(sum(sum(e.mask) for e in student_eps)), device=device)
         if world > 1:
             dist.all_reduce(num_tokens)
         num_tokens = num_tokens.item()
         opt.zero_grad(set_to_none=True)
-        sums = {}
-
-        def acc(metrics, weight):  # token-weighted sums, except maxima
-            for k, v in metrics.items():
-                sums[k] = max(sums.get(k, -math.inf), float(v)) if k.endswith("_max") else sums.get(k, 0.0) + float(v) * weight
-        arm = {}  # group -> list of (adv * mean_t(lt - logp_old))
-        for j in range(0, B, args.micro_batch):
-            rows = list(range(j, min(j + args.micro_batch, B)))
-            b = R.batch_tensors([student_eps[i] for i in rows], pad_id, device)
+        sums = {}  # this rank's token-weighted metric sums (and maxima), see add_metrics
+        arm = {}  # group -> [A_i * mean_t (logp_teacher - logp_old)] over its distilled episodes: the UCB arm reward
+        for j in range(0, len(eps), args.micro_batch):
+            rows = list(range(j, min(j + args.micro_batch, len(eps))))
+            b = rollout.batch_tensors([student_eps[i] for i in rows], pad_id, device)
             sel = b["mask"] > 0  # (b, T)
-            hs, lp = score(model, b, inv_t, args.chunk_size)  # (n, C), (n,) with grad
+            hs, lp = policy_logprobs(model, b, inv_t, args.chunk_size)  # (n, C), (n,) with grad
             logp = torch.zeros(sel.shape, device=device)
             logp[sel] = lp  # (b, T) grid, grad flows to the sampled positions
-            n_mb = sel.sum().item()
+            n_tokens = sel.sum().item()
             loss = torch.zeros((), device=device)
             if use_grpo:
-                lg, mg = losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], args.eps_low, args.eps_high,
-                                          num_tokens=num_tokens)
-                loss = loss + lg
-                acc(mg, n_mb)
-                sums["loss_grpo"] = sums.get("loss_grpo", 0.0) + lg.item()
+                loss_grpo, mg = losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], args.eps_low,
+                                                 args.eps_high, num_tokens=num_tokens)
+                loss = loss + loss_grpo
+                add_metrics(sums, mg, n_tokens)
+                add_metrics(sums, {"loss_grpo": loss_grpo.item()}, 1)
             if use_sdl:
-                lt = torch.zeros(sel.shape, device=device)
-                dmask = torch.zeros(sel.shape, device=device)
+                lt = torch.zeros(sel.shape, device=device)  # (b, T) logp_teacher on the grid
+                dmask = torch.zeros(sel.shape, device=device)  # (b, T) the distilled rows' sampled tokens
                 for r, i in enumerate(rows):
-                    if i in lt_flat:
-                        lt[r, sel[r]] = lt_flat[i].to(device)
+                    if i in logp_teacher:
+                        lt[r, sel[r]] = logp_teacher[i].to(device)
                         dmask[r] = b["mask"][r]
-                gap = ((lt - b["logp_old"]) * dmask).sum(1).tolist()  # (b,) teacher - student, summed per row
+                gap = ((lt - b["logp_old"]) * dmask).sum(1).tolist()  # (b,) logp_teacher - logp_old, summed per row
                 for r, i in enumerate(rows):
-                    if i in lt_flat:  # UCB arm reward: adv * mean_t (logp_teacher - logp)
-                        arm.setdefault(i // args.group_size, []).append(adv[i].item() * gap[r] / sum(student_eps[i].mask))
-                ls, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
-                loss = loss + args.lam * ls
-                n_d = dmask.sum().item()
-                if n_d:
-                    acc(ms, n_d)
-                    sums["n_distill"] = sums.get("n_distill", 0.0) + n_d
-                    sums["gap_sum"] = sums.get("gap_sum", 0.0) + sum(gap)
-                sums["loss_sdl"] = sums.get("loss_sdl", 0.0) + ls.item()
+                    if i in logp_teacher:
+                        arm.setdefault(i // G, []).append(adv[i].item() * gap[r] / sum(student_eps[i].mask))
+                loss_sdl, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
+                loss = loss + args.lam * loss_sdl
+                n_distill = dmask.sum().item()
+                if n_distill:
+                    add_metrics(sums, ms, n_distill)
+                    add_metrics(sums, {"n_distill": n_distill, "gap_sum": sum(gap)}, 1)
+                add_metrics(sums, {"loss_sdl": loss_sdl.item()}, 1)
             with torch.no_grad():  # before backward: under FSDP the head is resharded after it
                 ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)
-                sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + ent.sum().item()
+                add_metrics(sums, {"entropy_sum": ent.sum().item()}, 1)
             loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 
-        # ---- one gradient all-reduce, clip, step (a non-finite norm skips the step on every rank alike)
+        # 7. one gradient all-reduce, clip, step (a non-finite norm skips the step on every rank alike)
         allreduce_grads(model, world, args.fsdp)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
@@ -515,57 +582,29 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
+
+        # 8. teacher sync
         if teacher is not None and args.teacher == "dynamic" and (step + 1) % args.teacher_sync_every == 0:
             teacher.load_state_dict(model.state_dict())
 
-        # ---- UCB: arm reward of each used skill, applied on every rank in rank order
+        # 9. UCB: arm reward of each used skill, applied on every rank in rank order
         if skill_in_student:  # no teacher to score: a skill's arm reward is the mean reward of the group it guided
-            arm = {g: [rewards[g].mean().item()] for g in range(P_local)}
+            arm = {g: [rewards[g].mean().item()] for g in range(P)}
         updates = [(picked[g].uid, sum(v) / len(v)) for g, v in sorted(arm.items())
                    if picked[g] is not None and fixed_skill is None]
-        for ups in gather(updates, world):
+        for ups in all_gather_objects(updates, world):
             for uid, r in ups:
                 if uid in bank.skills and math.isfinite(r):
                     bank.update(bank.skills[uid], r)
 
-        # ---- metrics: per-episode means (equal episode counts on every rank), token-weighted sums, maxima
-        nd = sums.get("n_distill", 0.0)
-        local = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
-                 "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
-                 "distill_frac": float(np.mean(has_skill)) if use_sdl else 0.0,
-                 "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
-        weighted = {"entropy": (sums.get("entropy_sum", 0.0), n_local), "gap": (sums.get("gap_sum", 0.0), nd),
-                    **{k: (sums[k], n_local) for k in ("clip_frac", "ratio_mean") if k in sums},
-                    **{k: (sums[k], nd) for k in ("l_mean", "rho_mean", "k3_mean") if k in sums}}
-        summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
-                  "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
-        maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
-        counts = {**{k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))},
-                  **{k: bank.counters[k] for k in ("selects", "hits", "fallbacks")}}  # per rank: summed below
-        allm = gather((local, weighted, summed, maxed, counts), world)
-        m = {"step": step + 1}
-        for k in local:
-            m[k] = sum(a[0][k] for a in allm) / world
-        for k in weighted:
-            num, den = (sum(a[1][k][i] for a in allm if k in a[1]) for i in (0, 1))
-            m[k] = num / den if den else None
-        for k, v in summed.items():
-            m[k] = None if v is None else sum(a[2][k] for a in allm)
-        for k in maxed:
-            m[k] = max(a[3][k] for a in allm if k in a[3])
+        # 10. log, evaluate, checkpoint
+        m = step_metrics(step, eps, rewards, frac_zero_var, distilled, sums, use_grpo, use_sdl, summarizer, bank,
+                         world)
         dt = time.time() - t0
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "step_time": dt,
-                  "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt,
-                  "peak_mem_gb": peak / 2**30})
-        total = {k: sum(a[4].get(k, 0) for a in allm) for k in sorted(set().union(*(a[4] for a in allm)))}
-        m["skills"] = {**bank.metrics(), **{k: total[k] for k in ("selects", "hits", "fallbacks")},
-                       "hit_rate": total["hits"] / max(total["selects"], 1),
-                       "fallback_rate": total["fallbacks"] / max(total["selects"], 1)}
-        m["summarizer"] = {k: v for k, v in total.items() if k not in ("selects", "hits", "fallbacks")}
-
-        # ---- evaluate, log, checkpoint
+                  "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak / 2**30})
         last = step + 1 == args.steps
         if args.eval_n > 0 and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
             ev = run_eval(model, tok, args, rank, world, device, step + 1)
@@ -573,13 +612,7 @@ def main(argv=None):
         if rank == 0:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(m) + "\n")
-            with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
-                for i, e in enumerate(eps[:args.log_episodes]):
-                    f.write(json.dumps({"step": step + 1, "task_id": e.task_id, "reward": e.reward, "success": e.success,
-                                        "skill": None if picked[i // args.group_size] is None else picked[i // args.group_size].golden_workflow,
-                                        "responses": e.responses, "observations": e.observations,
-                                        "tokens": student_eps[i].tokens, "mask": student_eps[i].mask,
-                                        "logprobs": student_eps[i].logprobs}) + "\n")
+            log_episodes(args, step, eps, student_eps, picked)
             bank.save(os.path.join(args.out, "skills.json"))
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
         if last or (args.save_every and (step + 1) % args.save_every == 0):
@@ -592,7 +625,7 @@ def main(argv=None):
         print(open(os.path.join(args.out, "eval.md")).read())
     if rank == 0 and args.steps > start:
         try:  # the learning curves, when the optional matplotlib is installed
-            print("curves:", E.plot(os.path.join(args.out, "metrics.jsonl")))
+            print("curves:", plot(os.path.join(args.out, "metrics.jsonl")))
         except SystemExit as e:
             print(f"no plot: {e}")
     if world > 1:
