@@ -298,7 +298,7 @@ def crash_point(step, where):
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
 
@@ -357,7 +357,7 @@ def verify(folder):
         manifest = json.load(open(os.path.join(folder, "manifest.json")))
         files, step = manifest["files"], manifest["step"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "manifest.json is missing or unreadable (cut off while writing?)"
+        return "manifest.json is missing or unreadable (cut off, or written by an older version)"
     if f"ckpt-{step:06d}" != os.path.basename(folder) or not {"trainer.pt", "skills.json", "config.json"} <= set(files):
         return "manifest.json does not describe this checkpoint"
     for f, want in files.items():
@@ -388,6 +388,9 @@ def load_checkpoint(out, model, opt, teacher, device, rank, world):
     if found is None:
         sys.exit(f"error: --resume but no complete checkpoint in {out}" +
                  "".join(f"; {d}: {why}" for d, why in damaged))
+    for d in os.listdir(out) if rank == 0 else []:  # checkpoints a crash cut off while writing
+        if d.startswith("ckpt-") and d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out, d))
     for d, why in damaged:  # rank 0 only
         print(f"warning: checkpoint {d} is damaged ({why}): renamed to {d}.damaged, resuming from {found}", flush=True)
         shutil.rmtree(os.path.join(out, d + ".damaged"), ignore_errors=True)
@@ -395,9 +398,9 @@ def load_checkpoint(out, model, opt, teacher, device, rank, world):
     folder = os.path.join(out, found)
     try:
         state = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        sys.exit(f"error: refusing {folder}/trainer.pt: it holds more than tensors and plain data, and loading "
-                 f"it could run code ({str(e).strip().splitlines()[-1][:200]})")
+    except pickle.UnpicklingError as e:  # torch names the first object it refused after "GLOBAL "
+        sys.exit(f"error: refusing {folder}/trainer.pt: it holds {str(e).partition('GLOBAL ')[2].split(' ')[0]!r}, "
+                 f"not only tensors and plain data, and loading it could run code")
     try:
         set_model_state_dict(model, M.load(folder, device=device)[0].state_dict(), options=FULL)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=FULL)
@@ -405,9 +408,7 @@ def load_checkpoint(out, model, opt, teacher, device, rank, world):
             set_model_state_dict(teacher, state["teacher"], options=FULL)
         bank = S.SkillBank.load(os.path.join(folder, "skills.json"))
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        sys.exit(f"error: {folder} does not fit this run (another --model or --method?): {str(e).splitlines()[0][:300]}")
-    if state["step"] != int(found[5:]):
-        sys.exit(f"error: {folder}/trainer.pt says step {state['step']}, its folder step {int(found[5:])}")
+        sys.exit(f"error: {folder} does not fit this run (another --model or --method?): {str(e).splitlines()[0][:200]}")
     kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
     random.setstate(state["rng"]["python"])
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -421,16 +422,10 @@ def load_checkpoint(out, model, opt, teacher, device, rank, world):
 
 def truncate_jsonl(path, last_step):
     """On resume, drop lines logged after the checkpoint (a crash between logging and checkpointing), and a
-    last line cut off by the crash."""
+    last line cut off by the crash (no newline)."""
     if not os.path.exists(path):
         return
-    keep = []
-    for line in open(path):
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
+    keep = [ln for ln in open(path) if ln.endswith("\n") and ln.strip() and json.loads(ln)["step"] <= last_step]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -474,18 +469,14 @@ def finish_tracker(run, out):
     if run is None:
         return
     import wandb
-    extra = {}
-    if os.path.exists(os.path.join(out, "metrics.png")):
-        extra["curves"] = wandb.Image(os.path.join(out, "metrics.png"))
-    rows = [json.loads(line) for line in open(os.path.join(out, "episodes.jsonl"))] if os.path.exists(
-        os.path.join(out, "episodes.jsonl")) else []
-    if rows:
+    png, eps = os.path.join(out, "metrics.png"), os.path.join(out, "episodes.jsonl")
+    extra = {"curves": wandb.Image(png)} if os.path.exists(png) else {}
+    if os.path.exists(eps):
         extra["episodes"] = wandb.Table(columns=["step", "task_id", "reward", "success", "skill", "transcript"], data=[
-            [r["step"], r["task_id"], r["reward"], r["success"], r["skill"],
-             "\n\n".join(f"[{who}] {t}" for pair in zip(r["observations"], r["responses"] + [""])
-                         for who, t in zip(("env", "model"), pair) if t)] for r in rows])
-    if extra:
-        run.log(extra)
+            [e["step"], e["task_id"], e["reward"], e["success"], e["skill"], "\n\n".join(
+                f"[env] {o}\n\n[model] {r}" for o, r in zip(e["observations"], e["responses"]))]
+            for e in map(json.loads, open(eps))])
+    run.log(extra)
     run.finish()
 
 
@@ -761,8 +752,8 @@ def main(argv=None):
             track(run, m, args.out)
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, {"summarizer": dict(summarizer.stats)}, args,
-                            rank)
+            extra = {"summarizer": dict(summarizer.stats)}  # more trainer state goes here; load_checkpoint returns it
+            save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, extra, args, rank)
         if world > 1:
             dist.barrier()
 
