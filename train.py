@@ -21,9 +21,12 @@ Deliberate simplifications:
 """
 import argparse
 import copy
+import hashlib
+import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -118,9 +121,15 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=int, default=8, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--eval-n", type=int, default=32, help="evaluation puzzles (first n of the fixed eval set)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept on disk")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="checkpoints kept on disk (2: if the newest is damaged, --resume falls back to the one before)")
     g.add_argument("--log-episodes", type=int, default=2, help="episodes per step written to episodes.jsonl")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="log metrics, evaluation tables, learning curves and a few episodes to this Weights & Biases "
+                        "project (rank 0; needs `pip install wandb`; WANDB_MODE=offline writes OUT/wandb/ for a "
+                        "later `wandb sync`)")
+    g.add_argument("--wandb-name", default=None, help="W&B run name (default: W&B's random one)")
     args = p.parse_args(argv)
 
     grpo, sdl, _ = METHODS[args.method]
@@ -143,6 +152,10 @@ def parse_args(argv=None):
     for ok, msg in checks:
         if not ok:
             p.error(msg)
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        p.error("--wandb needs the wandb package: pip install wandb")
+    if args.wandb_name and not args.wandb:
+        p.error("--wandb-name needs --wandb PROJECT")
     try:
         skills.check_backend(args.summarizer, complete=(lambda x: x), model=args.summarizer_model)
     except ValueError as e:
@@ -355,9 +368,41 @@ def make_summarizer(args, model, tok, device):
                                   model=args.summarizer_model)
 
 
-def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats, args, rank):
-    """Atomic: everything goes into ckpt-STEP.tmp, which is renamed, then `latest` is replaced. Every rank calls
-    it (gathering sharded state is collective); rank 0 writes."""
+def check_max_len(args, tok, env, seed):
+    """--max-len must hold the first training task's prompt and one full model turn (ValueError otherwise);
+    a skill-conditioned prompt is longer still."""
+    if args.max_len is None:
+        return
+    messages = [{"role": "system", "content": env.task_prompt()}, {"role": "user", "content": env.reset(seed)}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = len(tok(text, add_special_tokens=False)["input_ids"])
+    if args.max_len < prompt + args.max_new_tokens:
+        raise ValueError(f"--max-len {args.max_len} is too small: the prompt takes {prompt} tokens and a turn "
+                         f"{args.max_new_tokens} (--max-new-tokens), so use at least {prompt + args.max_new_tokens}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# checkpoints: OUT/ckpt-STEP/ = an HF model folder + trainer.pt + skills.json + manifest.json; experiment tracking
+
+def crash_point(step, where):
+    """Fault injection for the tests: SKILL_SD_CRASH=STEP:WHERE ends the process here at once, like kill -9."""
+    if os.environ.get("SKILL_SD_CRASH") == f"{step}:{where}":
+        os._exit(137)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(out, step, model, tok, opt, bank, teacher, extra, args, rank):
+    """Every rank calls it (gathering sharded state is collective); rank 0 writes ckpt-STEP.tmp, then its
+    manifest.json (size and sha256 of every file) last, renames it to ckpt-STEP and points `latest` at it.
+    A folder without a matching manifest is never resumed from. extra: a dict of plain data and tensors, saved
+    in trainer.pt and handed back by load_checkpoint, so new entries need no change here."""
     weights = get_model_state_dict(model, options=FULL)
     optim = get_optimizer_state_dict(model, opt, options=FULL)
     t_weights = get_model_state_dict(teacher, options=FULL) if teacher is not None and args.teacher == "dynamic" else None
@@ -370,30 +415,164 @@ def save_checkpoint(out, step, model, tok, opt, bank, teacher, summarizer_stats,
         plain = Transformer(model.config)
     plain.load_state_dict(weights, assign=True)
     save_model(plain, tok, tmp)
-    state = {"step": step, "optimizer": optim, "args": vars(args),
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-             "teacher": t_weights, "summarizer": dict(summarizer_stats)}
+    crash_point(step, "model")
+    # numpy's state as a tensor: trainer.pt must load with weights_only=True, which refuses numpy arrays
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    state = {**extra, "step": step, "optimizer": optim, "args": vars(args), "rng": rng, "teacher": t_weights}
     torch.save(state, os.path.join(tmp, "trainer.pt"))
+    crash_point(step, "trainer")
     bank.save(os.path.join(tmp, "skills.json"))
+    files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256(os.path.join(tmp, f))}
+             for f in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+    crash_point(step, "manifest")
     final = os.path.join(out, name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    crash_point(step, "renamed")
     with open(os.path.join(out, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    old = sorted(d for d in os.listdir(out) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-    for d in old[:-args.keep_checkpoints]:
+    for d in checkpoints(out)[:-args.keep_checkpoints]:  # only once the new one is complete
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
+def checkpoints(out):
+    """Checkpoint folder names in OUT, oldest first (unfinished .tmp and renamed .damaged ones excluded)."""
+    return sorted(d for d in os.listdir(out) if d.startswith("ckpt-") and d[5:].isdigit())
+
+
+def verify(folder):
+    """None when folder holds a complete checkpoint (every file of its manifest, same size and sha256), else
+    what is wrong, in a few words."""
+    try:
+        manifest = json.load(open(os.path.join(folder, "manifest.json")))
+        files, step = manifest["files"], manifest["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "manifest.json is missing or unreadable (cut off, or written by an older version)"
+    if f"ckpt-{step:06d}" != os.path.basename(folder) or not {"trainer.pt", "skills.json", "config.json"} <= set(files):
+        return "manifest.json does not describe this checkpoint"
+    for f, want in files.items():
+        path = os.path.join(folder, f)
+        if not os.path.isfile(path):
+            return f"{f} is missing"
+        if os.path.getsize(path) != want["bytes"]:
+            return f"{f} has {os.path.getsize(path)} bytes, the manifest says {want['bytes']}"
+        if sha256(path) != want["sha256"]:
+            return f"{f} does not match its sha256"
+    return None
+
+
+def load_checkpoint(out, model, opt, teacher, device, rank, world):
+    """--resume: restore model, optimizer, teacher and RNG states from the newest complete checkpoint in OUT and
+    cut the logs back to its step. A damaged newer one is reported, renamed to *.damaged and skipped. trainer.pt
+    loads with weights_only=True: tensors and plain data only, never pickled code. Returns (step, bank, state),
+    state being trainer.pt's dict (with save_checkpoint's `extra` entries)."""
+    found, damaged = None, []
+    if rank == 0:  # rank 0 verifies; every rank loads the one it chose
+        for d in reversed(checkpoints(out) if os.path.isdir(out) else []):
+            why = verify(os.path.join(out, d))
+            if why is None:
+                found = d
+                break
+            damaged.append((d, why))
+    found = all_gather_objects(found, world)[0]
+    if found is None:
+        sys.exit(f"error: --resume but no complete checkpoint in {out}" +
+                 "".join(f"; {d}: {why}" for d, why in damaged))
+    for d in os.listdir(out) if rank == 0 else []:  # checkpoints a crash cut off while writing
+        if d.startswith("ckpt-") and d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out, d))
+    for d, why in damaged:  # rank 0 only
+        print(f"warning: checkpoint {d} is damaged ({why}): renamed to {d}.damaged, resuming from {found}", flush=True)
+        shutil.rmtree(os.path.join(out, d + ".damaged"), ignore_errors=True)
+        os.replace(os.path.join(out, d), os.path.join(out, d + ".damaged"))
+    folder = os.path.join(out, found)
+    try:
+        state = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch names the first object it refused after "GLOBAL "
+        sys.exit(f"error: refusing {folder}/trainer.pt: it holds {str(e).partition('GLOBAL ')[2].split(' ')[0]!r}, "
+                 f"not only tensors and plain data, and loading it could run code")
+    try:
+        set_model_state_dict(model, load_model(folder, device=device)[0].state_dict(), options=FULL)
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=FULL)
+        if state["teacher"] is not None and teacher is not None:
+            set_model_state_dict(teacher, state["teacher"], options=FULL)
+        bank = skills.SkillBank.load(os.path.join(folder, "skills.json"))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        sys.exit(f"error: {folder} does not fit this run (another --model or --method?): {str(e).splitlines()[0][:200]}")
+    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+    random.setstate(state["rng"]["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["rng"]["torch"])
+    if rank == 0:
+        for f in ("metrics.jsonl", "episodes.jsonl"):
+            truncate_jsonl(os.path.join(out, f), state["step"])
+        print(f"resuming from {folder} (step {state['step']})", flush=True)
+    return state["step"], bank, state
+
+
 def truncate_jsonl(path, last_step):
-    """On resume, drop lines logged after the checkpoint (a crash between logging and checkpointing)."""
+    """On resume, drop lines logged after the checkpoint (a crash between logging and checkpointing), and a
+    last line cut off by the crash (no newline)."""
     if not os.path.exists(path):
         return
-    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = [ln for ln in open(path) if ln.endswith("\n") and ln.strip() and json.loads(ln)["step"] <= last_step]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def start_tracker(args, rank):
+    """The W&B run (--wandb, rank 0 only) or None. A resumed run continues the same W&B run (its id is kept in
+    OUT/wandb-id); W&B drops the re-logged steps, which resuming reproduces exactly anyway."""
+    if not args.wandb or rank != 0:
+        return None
+    import wandb
+    id_file = os.path.join(args.out, "wandb-id")
+    run_id = open(id_file).read().strip() if args.resume and os.path.exists(id_file) else None  # None: a new one
+    try:
+        run = wandb.init(project=args.wandb, name=args.wandb_name, id=run_id, resume="allow", dir=args.out,
+                         config=vars(args))
+    except Exception as e:  # wandb raises many kinds (no login, no network): one line for all
+        sys.exit(f"error: wandb.init failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
+                 f"WANDB_MODE=offline logs locally for a later `wandb sync`")
+    with open(id_file, "w") as f:
+        f.write(run.id)
+    return run
+
+
+def track(run, m, out):
+    """One step's numbers (nested dicts as section/key), and the per-task table of an evaluation step."""
+    if run is None:
+        return
+    import wandb
+    flat = {f"{k}/{kk}" if isinstance(v, dict) else k: vv
+            for k, v in m.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+    row = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
+    if m.get("eval_acc") is not None and os.path.exists(os.path.join(out, "eval.json")):
+        results = json.load(open(os.path.join(out, "eval.json")))["results"]
+        row["eval/tasks"] = wandb.Table(columns=list(results[0]), data=[list(r.values()) for r in results])
+    run.log(row, step=m["step"])
+
+
+def finish_tracker(run, out):
+    """The learning curves (eval.plot's PNG) and the episodes of episodes.jsonl, decoded, then close the run."""
+    if run is None:
+        return
+    import wandb
+    png, eps = os.path.join(out, "metrics.png"), os.path.join(out, "episodes.jsonl")
+    extra = {"curves": wandb.Image(png)} if os.path.exists(png) else {}
+    if os.path.exists(eps):
+        extra["episodes"] = wandb.Table(columns=["step", "task_id", "reward", "success", "skill", "transcript"], data=[
+            [e["step"], e["task_id"], e["reward"], e["success"], e["skill"], "\n\n".join(
+                f"[env] {o}\n\n[model] {r}" for o, r in zip(e["observations"], e["responses"]))]
+            for e in map(json.loads, open(eps))])
+    run.log(extra)
+    run.finish()
 
 
 def run_eval(model, tok, args, rank, world, device, step):
@@ -429,6 +608,7 @@ def main(argv=None):
         make_env = lambda: envs.make_env(args.env, **env_kwargs(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
         train_seeds = envs.task_set("train", args.train_tasks)
+        check_max_len(args, tok, make_env(), train_seeds[0])
         if args.eval_n > 0:
             envs.task_set("eval", args.eval_n)
         fixed_skill = read_skill_file(args.skill_file)
@@ -448,29 +628,17 @@ def main(argv=None):
     summarizer = make_summarizer(args, model, tok, device)
 
     start = 0
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot use --out {args.out} as the output folder: {e.strerror}")
     if args.resume:
-        latest = os.path.join(args.out, "latest")
-        if not os.path.exists(latest):
-            sys.exit(f"error: --resume but no checkpoint in {args.out} (no 'latest' file)")
-        ckpt = os.path.join(args.out, open(latest).read().strip())
-        set_model_state_dict(model, load_model(ckpt, device=device)[0].state_dict(), options=FULL)
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(model, opt, state["optimizer"], options=FULL)
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["teacher"] is not None and teacher is not None:
-            set_model_state_dict(teacher, state["teacher"], options=FULL)
-        bank = skills.SkillBank.load(os.path.join(ckpt, "skills.json"))
+        start, bank, state = load_checkpoint(args.out, model, opt, teacher, device, rank, world)
         if rank == 0:  # counters are per rank and summed for the metrics: only rank 0's were saved
             summarizer.stats.update(state["summarizer"])
         else:
             bank.counters.update(selects=0, hits=0, fallbacks=0)
-        start = state["step"]
-        if rank == 0:
-            for f in ("metrics.jsonl", "episodes.jsonl"):
-                truncate_jsonl(os.path.join(args.out, f), start)
+    run = start_tracker(args, rank)
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
@@ -614,9 +782,11 @@ def main(argv=None):
                 f.write(json.dumps(m) + "\n")
             log_episodes(args, step, eps, student_eps, picked)
             bank.save(os.path.join(args.out, "skills.json"))
+            track(run, m, args.out)
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, summarizer.stats, args, rank)
+            extra = {"summarizer": dict(summarizer.stats)}  # more trainer state goes here; load_checkpoint returns it
+            save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, extra, args, rank)
         if world > 1:
             dist.barrier()
 
@@ -628,6 +798,7 @@ def main(argv=None):
             print("curves:", plot(os.path.join(args.out, "metrics.jsonl")))
         except SystemExit as e:
             print(f"no plot: {e}")
+    finish_tracker(run, args.out)
     if world > 1:
         dist.destroy_process_group()
     return model
