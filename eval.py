@@ -234,6 +234,8 @@ def main(argv=None):
                    help="training puzzles for --split train (first n of the training set; default: all of it)")
     p.add_argument("--max-turns", type=int, default=3, help="turns per episode (as train.py)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="token budget per model turn (as train.py)")
+    p.add_argument("--reward", default="completion", choices=["completion", "shaped"],
+                   help="Sokoban episode reward (as train.py); Acc and Comp do not depend on it")
     p.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
                    help="Sokoban answer parsing (as in train.py): strict = only <action>..</action>; lenient = "
                         "also move words anywhere in the text")
@@ -261,7 +263,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.eval()
     for split in dict.fromkeys(args.split):
-        kw = {"max_turns": args.max_turns, **({"parse": args.parse} if args.env.startswith("sokoban") else {}),
+        kw = {"max_turns": args.max_turns, **({"parse": args.parse, "reward": args.reward} if args.env.startswith("sokoban") else {}),
               **({"split": "dev" if split == "eval" else "train"} if args.env == "appworld" else {})}
         with torch.no_grad(), M.autocast(args.device):
             results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, kw,

@@ -98,10 +98,22 @@ def parse_args(argv=None):
                    help="shard weights, gradients and optimizer state over ranks (FSDP2 fully_shard) for models "
                         "whose training state does not fit replicated; sampling gathers the full weights once")
     g = p.add_argument_group("rollouts")
-    g.add_argument("--env", default="sokoban", help="environment (envs.make_env): sokoban, sokoban-8x8-2, appworld")
-    g.add_argument("--train-tasks", type=int, default=256,
+    g.add_argument("--env", default="sokoban",
+                   help="environment (envs.make_env): sokoban (6x6, 1 box), sokoban-paper (the paper's 6x6, 2 boxes, "
+                        "96 training levels ordered by difficulty, 64 test levels, 10 turns x 4 moves), "
+                        "sokoban-8x8-2, appworld")
+    g.add_argument("--train-tasks", type=int, default=None,
                    help="size of the fixed training set (its first N puzzles); smaller = tasks and their skills "
-                        "come back more often")
+                        "come back more often; default: the env's whole set, 256 for sokoban, 96 for sokoban-paper)")
+    g.add_argument("--curriculum-start", type=float, default=1.0,
+                   help="fraction of the training set eligible at step 0 (its first = easiest levels where the set "
+                        "is ordered by difficulty, as sokoban-paper's), growing linearly to all of it at "
+                        "--curriculum-full-at x --steps (envs.curriculum); 1 = no curriculum")
+    g.add_argument("--curriculum-full-at", type=float, default=0.5,
+                   help="fraction of the run from which every training level is eligible")
+    g.add_argument("--reward", default="completion", choices=["completion", "shaped"],
+                   help="Sokoban reward: completion = fraction of boxes on targets at the end (the paper's); "
+                        "shaped = gym-sokoban's per-move reward (-0.1 a move, +-1 a box on/off a target, +10 solved)")
     g.add_argument("--max-turns", type=int, default=3, help="turns per episode")
     g.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
                    help="Sokoban answer parsing: strict = only <action>..</action> (the field's format); lenient = "
@@ -144,7 +156,9 @@ def parse_args(argv=None):
               (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
                "counts must be positive"),
               (args.teacher_sync_every >= 1, "--teacher-sync-every must be >= 1"),
-              (1 <= args.train_tasks <= 1_000_000, "--train-tasks must be in 1..1000000"),
+              (args.train_tasks is None or 1 <= args.train_tasks <= 1_000_000, "--train-tasks must be in 1..1000000"),
+              (0 < args.curriculum_start <= 1 and 0 <= args.curriculum_full_at <= 1,
+               "--curriculum-start must be in (0, 1] and --curriculum-full-at in [0, 1]"),
               (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature >= 0 and 0 < --top-p <= 1"),
               (0 <= args.eps_low < 1 and args.eps_high >= 0, "0 <= --eps-low < 1 and --eps-high >= 0"),
@@ -207,6 +221,7 @@ def env_kwargs(args, split="train"):
     kw = {"max_turns": args.max_turns}
     if args.env.startswith("sokoban"):
         kw["parse"] = args.parse
+        kw["reward"] = args.reward
     if args.env == "appworld":
         kw["split"] = "dev" if split == "eval" else "train"
     return kw
@@ -576,7 +591,7 @@ def finish_tracker(run, out):
 
 
 def run_eval(model, tok, args, rank, world, device, step):
-    seeds = envs.task_set("eval", args.eval_n)
+    seeds = envs.task_set("eval", args.eval_n, env=args.env)
     model.eval()
     with torch.no_grad(), autocast(device), full_weights(model):
         mine = evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args, "eval"),
@@ -607,10 +622,10 @@ def main(argv=None):
         model, tok = load_model(args.model, device=device)
         make_env = lambda: envs.make_env(args.env, **env_kwargs(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
-        train_seeds = envs.task_set("train", args.train_tasks)
+        train_seeds = envs.task_set("train", args.train_tasks, env=args.env)
         check_max_len(args, tok, make_env(), train_seeds[0])
         if args.eval_n > 0:
-            envs.task_set("eval", args.eval_n)
+            envs.task_set("eval", args.eval_n, env=args.env)
         fixed_skill = read_skill_file(args.skill_file)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
@@ -652,11 +667,12 @@ def main(argv=None):
     inv_t = 1.0 / args.temperature if args.temperature > 0 else 1.0
     for step in bar:
         t0 = time.time()
-        # 1. tasks: one permutation per step, the same on every rank (the constant only decorrelates it from
-        #    the episode seeds); rank r takes its own P groups, so a group never spans ranks
-        order = np.random.default_rng(args.seed * 7919 + step).permutation(len(train_seeds))
+        # 1. tasks: one permutation of the eligible (curriculum) tasks per step, the same on every rank (the
+        #    constant only decorrelates it from the episode seeds); rank r takes its own P groups
+        n_elig = envs.curriculum(len(train_seeds), step, args.steps, args.curriculum_start, args.curriculum_full_at)
+        order = np.random.default_rng(args.seed * 7919 + step).permutation(n_elig)
         groups = list(range(rank * P, (rank + 1) * P))  # global group indices of this rank
-        seeds = [train_seeds[order[g % len(train_seeds)]] for g in groups]
+        seeds = [train_seeds[order[g % n_elig]] for g in groups]
         picked = [fixed_skill or (bank.select(s) if uses_bank else None) for s in seeds]  # (P,) Skill or None
         skill_prompts = [skills.teacher_prompt(k, task_prompt) for k in picked]
 
@@ -771,8 +787,8 @@ def main(argv=None):
         dt = time.time() - t0
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "step_time": dt,
-                  "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak / 2**30})
+        m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "tasks_eligible": n_elig,
+                  "step_time": dt, "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak / 2**30})
         last = step + 1 == args.steps
         if args.eval_n > 0 and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
             ev = run_eval(model, tok, args, rank, world, device, step + 1)
