@@ -378,6 +378,14 @@ def _ask(url, model, prompt, stats, negotiated, structured, **opts):
             negotiated[url] = (modes[modes.index(mode) + 1], False)  # "text" is never refused: fmt is None
 
 
+def _safe(fn, group, stats):
+    try:
+        return fn(group)
+    except Exception as e:  # odd facts from a new env version: no skill for this group, counted
+        stats["last_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return None
+
+
 def check_backend(backend, complete=None, model=None):
     """Raise ValueError for a misconfigured backend (call once at start-up; summarize itself never raises)."""
     if backend == "self" and complete is None:
@@ -421,14 +429,7 @@ def summarize(groups, backend="rule", step=0, complete=None, model=None, stats=N
         check_backend(backend, complete, model)
         modes = ["text"] * len(groups)
         if backend == "rule":
-            texts = None
-            out = []
-            for g in groups:
-                try:
-                    out.append(rule_skill(g))
-                except Exception as e:  # odd facts from a new env version: no skill for this group, counted
-                    stats["last_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    out.append(None)
+            texts, out = None, [_safe(rule_skill, g, stats) for g in groups]
         elif backend == "self":
             texts = list(complete([summary_prompt(g) for g in groups]))
         else:
@@ -576,13 +577,11 @@ class SkillBank:
         n = prior_pulls + pulls,  mean = (prior * prior_pulls + value_sum) / n,  score = mean + c * sqrt(ln N / n)
     with N = sum of n over the candidate arms; ties: the older skill, then a seeded order (same on every rank).
     Why a prior instead of "untried arms first": a new skill arrives on every visit of a task, so untried-first
-    would always pick the newest and no arm would ever be tried twice. Defaults c = 0.2, prior_pulls = 2 at
-    prior 0 (the arm reward's neutral value), chosen by replaying train.py's order (4 tasks x 40 visits, one new
-    skill per visit, capacity 4, null arms with sd 0.58, that of a G = 4 Pearson correlation under no effect; one
-    better arm): share of late visits that picked the better arm, c=0.2/2 pseudo-pulls vs c=0.3/1: 0.95 vs 1.0
-    (arm reward +1), 0.64 vs 0.49 (mean 0.6, sd 0.58), 0.56 vs 0.01 (mean 0.3, sd 0.3). Two pseudo-pulls halve
-    the weight of one lucky pull; with ~12 pulls in a list a fresh arm scores 0.2 * sqrt(ln 12 / 2) = 0.22, so
-    a skill whose mean correlation stays above ~0.2 keeps winning and one at ~0 loses to the next fresh skill.
+    would always pick the newest and no arm would ever be tried twice. Defaults c = 0.2, prior_pulls = 2 at prior
+    0 (neutral), chosen by replaying train.py's order with null arms of sd 0.58 (that of a G = 4 Pearson
+    correlation under no effect) and one better arm: two pseudo-pulls halve the weight of one lucky pull, and
+    with ~12 pulls in a list a fresh arm scores 0.2 * sqrt(ln 12 / 2) = 0.22, so a skill whose mean correlation
+    stays above ~0.2 keeps winning while one at ~0 loses to the next fresh skill.
     Pending: select() marks its pick pending until update() or release(); a pending arm is never evicted, so
     every selection gets its arm reward. Eviction when a list (or the pool) is full: among arms not pending
     (the newcomer included), the one ranked last by select's own key (lowest UCB score now; on ties the newest).
