@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -129,7 +130,7 @@ def test_parse_fuzz_never_raises():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# rule summariser
+# rule summariser (one skill per task group)
 
 def facts(**kw):
     f = dict(success=False, completion=0.0, num_boxes=1, turns=3, actions=[], moved=[], boxes_placed=[],
@@ -140,23 +141,26 @@ def facts(**kw):
     return f
 
 
-def episode(f, task_id=7, reward=0.0, success=False, env="sokoban", turns=None):
-    return {"task_id": task_id, "env": env, "task": "Push the box onto the target.", "reward": reward,
+def episode(f, task_id=7, reward=0.0, success=False, env="sokoban", turns=None, task="Push the box onto the target."):
+    return {"task_id": task_id, "env": env, "task": task, "reward": reward,
             "success": success, "facts": f, "turns": turns or [{"response": "<answer>Up</answer>",
                                                                "observation": "#####"}]}
 
 
-def rule(ep):
-    out = summarize([ep], "rule", step=3)
+def rule(*eps):
+    out = summarize([list(eps)], "rule", step=3)
     assert len(out) == 1
     return out[0]
 
 
+SOLVED = facts(success=True, completion=1.0, turns=2, actions=["Right", "Left", "Right", "Up", "Up"],
+               moved=[True] * 5, boxes_placed=[4], repeated_states=1, loop_free_actions=["Right", "Up", "Up"])
+CORNER = facts(actions=["Down", "Left", "Left", "Up"], moved=[True] * 4, dead_corner_pushes=[2],
+               loop_free_actions=["Down", "Left", "Left", "Up"])
+
+
 def test_rule_solved_gives_loop_free_workflow():
-    acts = ["Right", "Left", "Right", "Up", "Up"]
-    f = facts(success=True, completion=1.0, turns=2, actions=acts, moved=[True] * 5, boxes_placed=[4],
-              repeated_states=1, loop_free_actions=["Right", "Up", "Up"])
-    s = rule(episode(f, reward=1.0, success=True))
+    s = rule(episode(SOLVED, reward=1.0, success=True))
     assert "Solved" in s.success_analysis and "move 5 (Up)" in s.success_analysis
     assert "revisited 1 time" in s.mistake_analysis
     assert "Right, Up, Up" in s.golden_workflow and "3 moves" in s.golden_workflow
@@ -169,14 +173,11 @@ def test_rule_solved_gives_loop_free_workflow():
 def test_rule_clean_solve_has_no_mistakes():
     f = facts(success=True, completion=1.0, turns=1, actions=["Up", "Up"], moved=[True, True], boxes_placed=[1],
               loop_free_actions=["Up", "Up"])
-    s = rule(episode(f, reward=1.0, success=True))
-    assert s.mistake_analysis.startswith("None")
+    assert rule(episode(f, reward=1.0, success=True)).mistake_analysis.startswith("None")
 
 
 def test_rule_corner_deadlock():
-    f = facts(actions=["Down", "Left", "Left", "Up"], moved=[True, True, True, True], dead_corner_pushes=[2],
-              loop_free_actions=["Down", "Left", "Left", "Up"])
-    s = rule(episode(f))
+    s = rule(episode(CORNER))
     assert "Not solved" in s.success_analysis and "No move pushed a box onto a target" in s.success_analysis
     assert "move 3 (Left)" in s.mistake_analysis and "corner" in s.mistake_analysis
     assert "deadlock" in s.mistake_analysis
@@ -204,12 +205,43 @@ def test_rule_loop_and_partial_progress():
     assert "Do not undo" in s.golden_workflow and "Left, Right, Left, Right, Down, Down" in s.golden_workflow
 
 
+def test_rule_group_best_workflow_mistakes_of_failures_and_general_part():
+    bump = facts(turns=4, actions=["Right", "Up"], moved=[True, False], wall_bumps=1, invalid_turns=1,
+                 loop_free_actions=["Right"])
+    slow = facts(success=True, completion=1.0, actions=["Up", "Down", "Right", "Up", "Up"], moved=[True] * 5,
+                 boxes_placed=[4], repeated_states=1, loop_free_actions=["Right", "Up", "Up", "Left"])
+    group = [episode(CORNER), episode(SOLVED, reward=1.0, success=True), episode(bump), episode(slow, reward=1.0,
+                                                                                              success=True)]
+    s = rule(*group)
+    # best = highest reward, then the shortest solution: attempt 2 (3 moves) beats attempt 4 (4 moves)
+    assert s.success_analysis.startswith("2 of 4 attempts solved it (rewards 0, 1, 0, 1). Best attempt (2): Solved")
+    assert "Right, Up, Up." in s.golden_workflow and "Left" not in s.golden_workflow
+    # mistakes: the failed attempts first, each with its own moves
+    m = s.mistake_analysis
+    assert m.index("Attempt 1:") < m.index("Attempt 3:") and "move 3 (Left)" in m and "deadlock" in m
+    assert "could not be parsed" in m and "move 2 (Up)" in m
+    assert s.reward == 1.0 and s.task_id == 7
+    # the general part names mistake kinds with counts and no move of this level
+    gs, gm, gw = s.general
+    assert "2 of 4 attempts at one level solved it" in gs
+    assert "1 of 4 attempts pushed a box into a corner" in gm and "2 of 4 attempts undid earlier moves" in gm
+    assert "Never push a box into a corner" in gw and "required action format" in gw
+    text = " ".join(s.general)
+    assert not re.search(r"move \d", text) and "Right, Up" not in text and not skills._MOVE_LIST.search(text)
+    # the same group in another order gives the same lessons (workflow and general part)
+    t = rule(*reversed(group))
+    assert t.golden_workflow == s.golden_workflow and t.general[1:] == s.general[1:]
+    # all failed: the advice covers every attempt's mistakes, not only the best one's
+    u = rule(episode(CORNER), episode(bump))
+    assert "Never push a box into a corner" in u.golden_workflow and "required action format" in u.golden_workflow
+
+
 def test_rule_is_deterministic():
     f = facts(actions=["Down", "Left", "Left"], moved=[True, False, True], wall_bumps=1, dead_corner_pushes=[2],
               invalid_turns=1, repeated_states=2, loop_free_actions=["Down", "Left"])
-    a = rule(episode(f))
+    a = rule(episode(f), episode(CORNER))
     g = dict(reversed(list(copy.deepcopy(f).items())))  # same facts, other key order, fresh objects
-    b = rule(episode(g))
+    b = rule(episode(g), episode(copy.deepcopy(CORNER)))
     assert a == b
 
 
@@ -218,16 +250,39 @@ def test_rule_generic_fallback():
     s = rule(episode(None, env="appworld", reward=1.0, success=True, turns=turns))
     assert "succeeded" in s.success_analysis and "open the app" in s.golden_workflow
     assert s.golden_workflow.index("open the app") < s.golden_workflow.index("pay bill")
+    assert "open the app" not in " ".join(s.general)
     turns = [{"response": "look", "observation": "?"}, {"response": "look", "observation": "?"}]
     s = rule(episode(None, env="appworld", turns=turns))
     assert "failed" in s.success_analysis and "repeated 1 time" in s.mistake_analysis
-    assert rule(episode(None)).success_analysis.startswith("The episode")  # sokoban without facts
+    assert "The episode" in rule(episode(None)).success_analysis  # sokoban without facts
 
 
 def test_rule_bad_facts_dropped_and_counted():
     stats = {}
-    out = summarize([episode(facts(actions=5)), episode(facts(actions=["Up"], moved=[True]))], "rule", stats=stats)
-    assert len(out) == 1 and stats["dropped"] == 1 and stats["skills"] == 1 and stats["episodes"] == 2
+    out = summarize([[episode(facts(actions=5))], [episode(facts(actions=["Up"], moved=[True]))]], "rule", stats=stats)
+    assert len(out) == 1 and stats["dropped"] == 1 and stats["skills"] == 1 and stats["groups"] == 2
+
+
+def test_groups_are_checked():
+    for bad in ([episode(None)], [[]], [[episode(None, task_id=1), episode(None, task_id=2)]], [[3]]):
+        with pytest.raises(ValueError, match="group"):
+            summarize(bad)
+    a = AsyncSummarizer("rule")
+    with pytest.raises(ValueError, match="group"):
+        a.submit([episode(None)], step=0)
+    a.close()
+
+
+def test_summary_prompt_shows_the_group_with_rewards():
+    p = skills.summary_prompt([episode(SOLVED, reward=1.0, success=True, turns=[{"response": "<action>Right</action>",
+                                                                                 "observation": "map A"}]),
+                               episode(CORNER, turns=[{"response": "<action>Down</action>", "observation": "map B"}])])
+    assert "2 attempts" in p and "Push the box onto the target." in p
+    a, b = p.index("Attempt 1: succeeded, reward 1"), p.index("Attempt 2: failed, reward 0")
+    assert a < p.index("<action>Right</action>") < b < p.index("<action>Down</action>")
+    assert '"dead_corner_pushes": [2]' in p and "golden_workflow" in p
+    long = [episode(SOLVED, turns=[{"response": "x" * 400, "observation": "y" * 400}] * 40)] * 4
+    assert len(skills.summary_prompt(long)) < 8000  # bounded, whatever the episode length
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,20 +293,23 @@ def test_self_backend():
 
     def complete(prompts):
         seen.extend(prompts)
-        return ["ok:\n```json\n" + json.dumps(VALID) + "\n```", "I cannot do that.", json.dumps(VALID)]
+        return ["ok:\n```json\n" + json.dumps({**VALID, "success_analysis": "Pushed Right, Up, Up."}) + "\n```",
+                "I cannot do that.", json.dumps(VALID)]
 
-    eps = [episode(None, task_id=i, reward=float(i)) for i in range(3)]
+    groups = [[episode(None, task_id=i, reward=float(i)), episode(None, task_id=i)] for i in range(3)]
     stats = {}
-    out = summarize(eps, "self", step=5, complete=complete, stats=stats)
+    out = summarize(groups, "self", step=5, complete=complete, stats=stats)
     assert [s.task_id for s in out] == [0, 2] and [s.reward for s in out] == [0.0, 2.0]
     assert all(s.backend == "self" and s.step == 5 for s in out)
-    assert stats["parse_failures"] == 1 and stats["dropped"] == 1
-    assert len(seen) == 3 and all("golden_workflow" in p and "Push the box" in p for p in seen)
+    assert stats["parse_failures"] == 1 and stats["dropped"] == 1 and stats["parsed_text"] == 2
+    assert len(seen) == 3 and all("golden_workflow" in p and "Attempt 2" in p for p in seen)
+    # the pool part: the two analyses without a move list, no workflow
+    assert out[0].general == ["Pushed (moves of that level omitted).", VALID["mistake_analysis"], ""]
 
     def broken(prompts):
         raise RuntimeError("out of memory")
     stats = {}
-    assert summarize(eps, "self", complete=broken, stats=stats) == []
+    assert summarize(groups, "self", complete=broken, stats=stats) == []
     assert stats["dropped"] == 3 and "out of memory" in stats["last_error"]
 
 
@@ -260,8 +318,10 @@ def test_bad_backend_config():
         AsyncSummarizer("gpt4")
     with pytest.raises(ValueError):
         AsyncSummarizer("self")
+    with pytest.raises(ValueError):
+        AsyncSummarizer("rule", workers=0)
     stats = {}
-    assert summarize([episode(None)], "nonsense", stats=stats) == [] and stats["dropped"] == 1
+    assert summarize([[episode(None)]], "nonsense", stats=stats) == [] and stats["dropped"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,31 +329,41 @@ def test_bad_backend_config():
 
 @pytest.fixture
 def stub(monkeypatch):
+    """Paths: /ok (any format), /llama (refuses json_schema like llama.cpp's server), /textonly (refuses any
+    response_format), /err (500), /bad (400), /slow (never answers in time)."""
     monkeypatch.setenv("no_proxy", "*")
     for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(k, raising=False)
     release, hits, bodies = threading.Event(), {}, []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            kind = self.path.split("/")[1]
-            hits[kind] = hits.get(kind, 0) + 1
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            bodies.append((self.path, self.headers.get("Authorization"), body))
-            if kind == "slow":
-                release.wait(10)  # the client times out long before this is released
-            if kind in ("err", "slow"):
-                self.send_response(500 if kind == "err" else 200)
-                self.end_headers()
-                return
-            code = 400 if kind == "bad" else 200
-            out = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                       "content": "Here:\n" + json.dumps(VALID)}}]}).encode()
+        def reply(self, code, obj):
+            out = json.dumps(obj).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
+
+        def do_POST(self):
+            kind = self.path.split("/")[1]
+            hits[kind] = hits.get(kind, 0) + 1
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append((self.path, self.headers.get("Authorization"), body))
+            fmt = (body.get("response_format") or {}).get("type")
+            if kind == "slow":
+                release.wait(20)  # the client gives up (or is abandoned) long before this is released
+            if kind in ("err", "slow"):
+                self.send_response(500 if kind == "err" else 200)
+                self.end_headers()
+            elif (kind == "llama" and fmt == "json_schema") or (kind == "textonly" and fmt):
+                time.sleep(0.05)  # a slow refusal: concurrent requests would overlap it
+                self.reply(500, {"error": {"message": f"1 validation error: response_format.type Input should "
+                                                      f"be 'text' or 'json_object', got {fmt!r}"}})
+            else:
+                text = json.dumps(VALID) if fmt else "Here:\n" + json.dumps(VALID)
+                self.reply(400 if kind == "bad" else 200, {"choices": [{"message": {"role": "assistant",
+                                                                                    "content": text}}]})
 
         def log_message(self, *a):
             pass
@@ -314,42 +384,71 @@ def stub(monkeypatch):
     t.join(5)
 
 
+def groups_of(n, size=2):
+    return [[episode(None, task_id=i) for _ in range(size)] for i in range(n)]
+
+
 def test_openai_success(stub, monkeypatch):
     url, hits, bodies = stub
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
     monkeypatch.setenv("SKILL_SD_SUMMARIZER_MODEL", "stub-model")
     stats = {}
-    out = summarize([episode(None, task_id=1), episode(None, task_id=2)], f"openai:{url}/ok/v1", step=2,
-                    stats=stats, timeout=5, retries=2, backoff=0.0)
-    assert [fields_of(s) for s in out] == [tuple(VALID.values())] * 2 and [s.task_id for s in out] == [1, 2]
+    out = summarize(groups_of(2), f"openai:{url}/ok/v1", step=2, stats=stats, timeout=5, retries=2, backoff=0.0)
+    assert [fields_of(s) for s in out] == [tuple(VALID.values())] * 2 and [s.task_id for s in out] == [0, 1]
     assert out[0].backend == "openai" and stats["requests"] == 2 and stats["dropped"] == 0
+    assert stats["format"] == "json_schema" and stats["parsed_json_schema"] == 2 and "refusals" not in stats
     path, auth, body = bodies[0]
     assert path == "/ok/v1/chat/completions" and auth == "Bearer sk-secret-123"
     assert body["model"] == "stub-model" and "Push the box" in body["messages"][0]["content"]
+    assert body["response_format"]["json_schema"]["schema"]["required"] == list(skills.FIELDS)
     assert "sk-secret" not in repr(stats) + repr(out)
+
+
+@pytest.mark.parametrize("kind, accepted, refusals", [("llama", "json_object", 1), ("textonly", "text", 2)])
+def test_openai_structured_output_negotiated_once(stub, kind, accepted, refusals):
+    url, hits, bodies = stub
+    a = AsyncSummarizer(f"openai:{url}/{kind}/v1", model="m", workers=4, timeout=5, retries=0)
+    a.submit(groups_of(6), step=0)  # 4 workers race for the first request: negotiation serialises them
+    out = a.collect(wait_s=30)
+    a.submit(groups_of(3), step=1)
+    out += a.collect(wait_s=30)
+    a.close()
+    assert len(out) == 9 and a.stats["refusals"] == refusals and a.stats["format"] == accepted
+    assert a.stats[f"parsed_{accepted}"] == a.stats[f"replies_{accepted}"] == 9 and a.stats["parse_failures"] == 0
+    sent = [(b.get("response_format") or {}).get("type") for _, _, b in bodies]
+    assert sent[:refusals] == ["json_schema", "json_object"][:refusals] and len(sent) == 9 + refusals
+    assert set(sent[refusals:]) == {None if accepted == "text" else accepted}
+    if accepted == "json_object":  # llama.cpp's form carries the schema
+        assert bodies[-1][2]["response_format"]["schema"] == skills.SCHEMA
+
+
+def test_openai_structured_output_off(stub):
+    url, hits, bodies = stub
+    stats = {}
+    out = summarize(groups_of(2), f"openai:{url}/llama/v1", model="m", stats=stats, structured=False)
+    assert len(out) == 2 and stats["parsed_text"] == 2 and "refusals" not in stats
+    assert all("response_format" not in b for _, _, b in bodies)
 
 
 def test_openai_http_500_and_400(stub):
     url, hits, _ = stub
     stats = {}
-    out = summarize([episode(None)], f"openai:{url}/err/v1", model="m", stats=stats, timeout=5, retries=2,
-                    backoff=0.0)
+    out = summarize(groups_of(1), f"openai:{url}/err/v1", model="m", stats=stats, timeout=5, retries=2, backoff=0.0)
     assert out == [] and hits["err"] == 3 and stats["http_errors"] == 3 and stats["retries"] == 2
-    assert stats["dropped"] == 1 and stats["last_error"] == "HTTP 500"
+    assert stats["dropped"] == 1 and stats["last_error"] == "HTTP 500" and "refusals" not in stats
     stats = {}
-    assert summarize([episode(None)], f"openai:{url}/bad/v1", model="m", stats=stats, retries=2, backoff=0.0) == []
+    assert summarize(groups_of(1), f"openai:{url}/bad/v1", model="m", stats=stats, retries=2, backoff=0.0) == []
     assert hits["bad"] == 1 and stats["http_errors"] == 1  # client errors are not retried
 
 
 def test_openai_timeout(stub):
     url, hits, _ = stub
     stats = {}
-    out = summarize([episode(None)], f"openai:{url}/slow/v1", model="m", stats=stats, timeout=0.2, retries=1,
-                    backoff=0.0)
+    out = summarize(groups_of(1), f"openai:{url}/slow/v1", model="m", stats=stats, timeout=0.2, retries=1, backoff=0.0)
     assert out == [] and stats["timeouts"] == 2 and stats["requests"] == 2 and stats["dropped"] == 1
     # nothing listening: a connection error, also counted, also no exception
     stats = {}
-    assert summarize([episode(None)], "openai:http://127.0.0.1:9/v1", model="m", stats=stats, timeout=1,
+    assert summarize(groups_of(1), "openai:http://127.0.0.1:9/v1", model="m", stats=stats, timeout=1,
                      retries=1, backoff=0.0) == []
     assert stats["requests"] == 2 and stats["dropped"] == 1
 
@@ -358,10 +457,10 @@ def test_openai_timeout(stub):
 # asynchronous summarisation
 
 def test_sync_mode_equals_direct_call():
-    eps = [episode(facts(actions=["Up"] * k, moved=[True] * k), task_id=k) for k in range(4)]
+    groups = [[episode(facts(actions=["Up"] * k, moved=[True] * k), task_id=k)] * 2 for k in range(4)]
     a = AsyncSummarizer("rule", sync=True)
-    a.submit(eps, step=1)
-    assert a.collect() == summarize(eps, "rule", step=1)
+    a.submit(groups, step=1)
+    assert a.collect() == summarize(groups, "rule", step=1)
     assert a.collect() == [] and a.stats["submitted"] == a.stats["finished"] == 4
     a.close()
 
@@ -373,18 +472,24 @@ def test_async_submit_does_not_wait_and_loses_nothing():
         entered.set()
         gate.wait(30)  # "slow": holds until the test opens the gate
         left.set()
-        return [json.dumps(VALID) if i % 3 else "no json" for i in range(len(prompts))]
+        return ["no json" if "FAIL" in p else json.dumps(VALID) for p in prompts]
+
+    def grp(i):
+        return [episode(None, task_id=i, task="FAIL" if i % 3 == 0 else "ok")] * 2
 
     a = AsyncSummarizer("self", complete=slow_complete, workers=2)
-    a.submit([episode(None, task_id=i) for i in range(5)], step=0)
+    a.submit([grp(i) for i in range(5)], step=0)
     assert not left.is_set()  # submit returned while the summariser was still busy
     entered.wait(30)
-    assert a.collect() == [] and not left.is_set()  # collect does not block either
-    a.submit([episode(None, task_id=i) for i in range(5, 9)], step=1)
+    t0 = time.time()
+    assert a.collect() == [] and a.collect(wait_s=0.2) == [] and not left.is_set()  # bounded waits
+    assert time.time() - t0 < 5
+    a.submit([grp(i) for i in range(5, 9)], step=1)
     gate.set()
-    out = a.collect(wait=True)
-    assert sorted(s.task_id for s in out) == [1, 2, 4, 6, 7]
-    assert a.stats["submitted"] == a.stats["finished"] == 9 and a.stats["failed"] == 4
+    out = a.collect(wait_s=30)
+    assert [s.task_id for s in out] == [1, 2, 4, 5, 7, 8]  # submission order
+    assert [s.step for s in out] == [0, 0, 0, 1, 1, 1]  # the step each group was submitted at
+    assert a.stats["submitted"] == a.stats["finished"] == 9 and a.stats["failed"] == 3
     assert a.stats["finished"] - a.stats["failed"] == len(out)
     a.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("skill-summarizer")]
@@ -395,21 +500,21 @@ def test_async_many_batches_rule():
     a = AsyncSummarizer("rule", workers=3)
     got, sent, bad = [], 0, 0
     for step in range(40):
-        eps = []
+        groups = []
         for _ in range(rng.randrange(0, 6)):
             broken = rng.random() < 0.2
             bad += broken
-            eps.append(episode(facts(actions=5) if broken else facts(actions=["Up"], moved=[True]), task_id=sent))
+            groups.append([episode(facts(actions=5) if broken else facts(actions=["Up"], moved=[True]), task_id=sent)])
             sent += 1
-        a.submit(eps, step)
+        a.submit(groups, step)
         got += a.collect()
-    a.close(drain=True)
-    got += a.collect()
+    got += a.collect(wait_s=30)
+    a.close()
     assert a.stats["submitted"] == a.stats["finished"] == sent and a.stats["failed"] == bad
     assert len(got) == sent - bad and len({s.task_id for s in got}) == len(got)
 
 
-def test_async_close_cancels_queued():
+def test_close_abandons_in_flight_and_cancels_queued():
     gate, entered = threading.Event(), threading.Event()
 
     def blocking(prompts):
@@ -419,35 +524,66 @@ def test_async_close_cancels_queued():
 
     a = AsyncSummarizer("self", complete=blocking, workers=1)
     for step in range(4):
-        a.submit([episode(None), episode(None)], step)
+        a.submit(groups_of(2), step)
     entered.wait(30)
-    closer = threading.Thread(target=a.close, kwargs={"drain": False})
-    closer.start()
-    for _ in range(3000):  # wait (bounded) until the three queued batches are cancelled
-        if all(f.cancelled() for f, _ in a.pending[1:]):
+    t0 = time.time()
+    a.close(timeout=0.5)
+    assert time.time() - t0 < 3  # does not wait for the group in flight
+    assert a.stats["abandoned"] == 1 and a.stats["cancelled"] == 7 and a.stats["finished"] == 0
+    assert a.stats["submitted"] == a.stats["finished"] + a.stats["cancelled"] + a.stats["abandoned"]
+    gate.set()  # the abandoned group finishes later: not counted twice, not collected
+    time.sleep(0.2)
+    assert a.collect() == [] and a.stats["finished"] == 0
+    with pytest.raises(ValueError):
+        a.submit(groups_of(1), 5)
+
+
+def test_close_with_http_requests_in_flight(stub):
+    url, hits, _ = stub
+    a = AsyncSummarizer(f"openai:{url}/slow/v1", model="m", workers=2, timeout=60, retries=0, structured=False)
+    a.submit(groups_of(3), step=0)
+    for _ in range(500):
+        if hits.get("slow", 0) == 2:
             break
         time.sleep(0.01)
-    gate.set()
-    closer.join(30)
-    assert not closer.is_alive()
-    assert len(a.collect()) == 2
-    assert a.stats["finished"] == 2 and a.stats["cancelled"] == 6
-    assert a.stats["submitted"] == a.stats["finished"] + a.stats["cancelled"]
+    t0 = time.time()
+    a.close(timeout=1.0)
+    assert time.time() - t0 < 3 and a.stats["abandoned"] == 2 and a.stats["cancelled"] == 1
+
+
+def test_ctrl_c_does_not_wait_for_requests_in_flight(tmp_path):
+    """A process interrupted while a request hangs exits at once (daemon workers), not after the 60 s timeout."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, signal, socket, sys, threading, time\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import skills\n"
+        "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()  # accepts, never answers\n"
+        "url = 'openai:http://127.0.0.1:%d/v1' % srv.getsockname()[1]\n"
+        "a = skills.AsyncSummarizer(url, model='m', workers=2, timeout=60, retries=0)\n"
+        "a.submit([[{'task_id': 1, 'turns': []}]] * 2, step=0)\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "time.sleep(30)\n")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert "KeyboardInterrupt" in out.stderr and time.time() - t0 < 20
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the bank
 
-def mk(i, task_id=0, step=0):
-    return Skill(f"success {i}", f"mistake {i}", f"workflow {i}", task_id=task_id, step=step)
+def mk(i, task_id=0, step=0, general=True):
+    return Skill(f"success {i}", f"mistake {i}", f"workflow {i}", task_id=task_id, step=step,
+                 general=[f"general success {i}", f"general mistake {i}", f"general workflow {i}"] if general else [])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ucb_matches_reference_and_concentrates(seed):
     p = [0.2, 0.4, 0.5, 0.8]
-    c = 1.0  # rewards in [0, 1]
-    bank = SkillBank(capacity_per_task=8, c=c, seed=seed)
-    arms = [mk(i) for i in range(len(p))]
+    c, prior, pp = 1.0, 0.1, 2.0  # rewards in [0, 1]
+    bank = SkillBank(capacity_per_task=8, c=c, seed=seed, prior=prior, prior_pulls=pp)
+    arms = [mk(i, general=False) for i in range(len(p))]
     for s in arms:
         bank.add(s)
     rng = random.Random(100 + seed)
@@ -455,17 +591,15 @@ def test_ucb_matches_reference_and_concentrates(seed):
     for t in range(2000):
         s = bank.select(0)
         k = arms.index(s)
-        if min(n) == 0:
-            assert n[k] == 0
-        else:  # reference UCB1 computed from our own counts
-            N = sum(n)
-            ref = [tot[j] / n[j] + c * math.sqrt(math.log(N) / n[j]) for j in range(len(p))]
-            assert ref[k] >= max(ref) - 1e-12
+        # reference UCB1 with pp pseudo-pulls at `prior`, computed from our own counts
+        N = sum(n) + pp * len(p)
+        ref = [(prior * pp + tot[j]) / (pp + n[j]) + c * math.sqrt(math.log(N) / (pp + n[j])) for j in range(len(p))]
+        assert ref[k] >= max(ref) - 1e-12
         r = float(rng.random() < p[k])
         bank.update(s, r)
         n[k] += 1
         tot[k] += r
-    assert [s.pulls for s in arms] == n
+    assert [s.pulls for s in arms] == n and bank.counters["ucb_picks"] == 2000 - len(p)
     assert n[3] == max(n) and n[3] > 0.5 * sum(n)  # concentrates on the best arm
     assert min(n) >= 5  # and still explores the others
 
@@ -482,25 +616,80 @@ def test_ucb_tie_break_is_seeded():
             bank.update(s, 0.0)
         return seq
     assert order(3) == order(3)
-    assert all(sorted(order(s)) == list(range(6)) for s in range(5))  # every unpulled arm first, once
+    assert all(sorted(order(s)) == sorted(order(0)) and len(set(order(s))) == 6 for s in range(5))
     assert len({tuple(order(s)) for s in range(5)}) > 1
+
+
+def replay(bank, tasks=4, visits=40, golden_at=3, noise=0.4, seed=0, release_every=5):
+    """train.py's order on the bank: each visit selects, adds the group's ONE new skill, then updates (or releases,
+    as for a zero-variance group). The skill added at visit `golden_at` always earns arm reward +1, the others
+    noise. Returns the fraction of visits in the second half that chose the golden skill, and the golden skills."""
+    rng = random.Random(seed)
+    golden, late, n = {}, [], 0
+    for v in range(visits):
+        for t in rng.sample(range(tasks), tasks):
+            s = bank.select(t)
+            n += 1
+            bank.add(Skill(f"s{n}", f"m{n}", f"w{n}", task_id=t, step=v))
+            if v == golden_at:
+                golden[t] = bank.skills[bank.tasks[str(t)][-1]]
+            if v >= visits // 2:
+                late.append(s is not None and s is golden.get(t))
+            if s is not None and n % release_every == 0:
+                bank.release(s)
+            elif s is not None:
+                bank.update(s, 1.0 if s is golden.get(t) else max(-1.0, min(1.0, rng.gauss(0, noise))))
+    return sum(late) / len(late), golden
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_ucb_decides_in_train_order(seed):
+    bank = SkillBank(capacity_per_task=4, seed=seed)
+    frac, golden = replay(bank, seed=seed)
+    kept = [g.uid in bank.tasks[str(t)] for t, g in golden.items()]
+    assert frac >= 0.7 and sum(kept) >= 3, (frac, kept)  # chosen in most later visits, and kept
+    assert all(g.pulls >= 10 for t, g in golden.items() if g.uid in bank.tasks[str(t)])
+    assert bank.counters["ucb_picks"] > 0.5 * bank.counters["selects"] and not bank.pending
+
+
+def test_pending_skill_is_never_evicted():
+    bank = SkillBank(capacity_per_task=2, seed=0)
+    worst = mk(0, general=False)
+    bank.add(worst)
+    bank.update(bank.select(0), -1.0)
+    assert bank.select(0) is worst and bank.metrics()["pending"] == 1
+    for i in range(1, 6):  # far better newcomers: without the pending mark, `worst` would go first
+        bank.add(mk(i, general=False))
+        assert worst.uid in bank.tasks["0"]
+    bank.update(worst, -1.0)  # the arm reward lands; now it can go
+    bank.add(mk(9, general=False))
+    assert worst.uid not in bank.tasks["0"] and not bank.pending
+    # the same skill picked twice in a step (a task in two groups) needs two settlements
+    s = bank.select(0)
+    assert bank.select(0) is s and bank.pending == {s.uid: 2}
+    bank.release(s)
+    assert bank.pending == {s.uid: 1}
+    bank.update(s, 0.5)
+    assert not bank.pending and bank.counters["releases"] == 1
 
 
 def test_capacity_eviction_and_dedup():
     bank = SkillBank(capacity_per_task=3, global_capacity=4, seed=0)
-    for i in range(5):
-        assert bank.add(mk(i, step=i))
-    assert [bank.skills[u].success_analysis for u in bank.tasks["0"]] == ["success 2", "success 3", "success 4"]
-    assert len(bank.pool) == 4 and bank.counters["evictions"] == 3  # 2 from the task list, 1 from the pool
-    # pulled arms: the lowest mean goes first, unpulled (optimistic) arms stay
+    assert [bank.add(mk(i, step=i)) for i in range(5)] == [True] * 4 + [False]  # kept by the pool (4), not the task
+    # untried skills tie: they wait in arrival order, the newest goes (it would be tried last)
+    assert [bank.skills[u].success_analysis for u in bank.tasks["0"]] == ["success 0", "success 1", "success 2"]
+    assert len(bank.pool) == 4 and bank.counters["evictions"] == 3
+    assert all(bank.skills[u].scope == "pool" for u in bank.pool)
+    # pulled arms: the lowest UCB score goes first
     a, b, c = (bank.skills[u] for u in bank.tasks["0"])
     bank.update(a, 0.9)
     bank.update(b, -0.3)
     bank.add(mk(9, step=9))
     assert b.uid not in bank.tasks["0"] and {a.uid, c.uid} <= set(bank.tasks["0"])
-    # de-duplication on normalised text
+    # de-duplication on normalised text, in the task list and in the pool
     before = bank.state_dict()
-    dup = Skill("  SUCCESS 9 ", "mistake\n9", "Workflow   9", task_id=0)
+    dup = Skill("  SUCCESS 9 ", "mistake\n9", "Workflow   9", task_id=0, step=9,
+                general=["general success 9", "GENERAL mistake 9", "general workflow 9"])
     assert not bank.add(dup) and bank.counters["duplicates"] == 1
     assert bank.tasks == before["tasks"] and bank.pool == before["pool"]
     # per-task capacity holds with many tasks; the pool holds the global capacity
@@ -510,39 +699,52 @@ def test_capacity_eviction_and_dedup():
     assert set(bank.skills) == set(bank.pool).union(*bank.tasks.values())  # nothing dangling
 
 
-def test_fallback_hit_rate_and_metrics():
+def test_fallback_counters_and_metrics():
     bank = SkillBank(seed=0)
     assert bank.select(5) is None
     bank.add(mk(0, task_id=1))
     s = bank.select(1)
-    assert s.task_id == 1
-    assert bank.select(2) is s  # no skill of its own: the global pool
+    assert s.task_id == 1 and s.scope == "task"
+    p = bank.select(2)  # no skill of its own: the pool's level-agnostic copy
+    assert p.scope == "pool" and p.task_id == 1 and p.golden_workflow == "general workflow 0"
+    assert bank.select(2, fallback="none") is None
+    with pytest.raises(ValueError):
+        bank.select(2, fallback="any")
     bank.update(s, 1.0)
-    bank.update(s, 0.0)
+    bank.update(p, 0.0)
+    bank.update(bank.select(1), 0.5)
     m = bank.metrics()
-    assert (m["size"], m["tasks"], m["selects"]) == (1, 1, 3)
-    assert m["hit_rate"] == pytest.approx(1 / 3) and m["fallback_rate"] == pytest.approx(1 / 3)
+    assert (m["size"], m["tasks"], m["pool"], m["selects"], m["hits"], m["fallbacks"]) == (2, 1, 1, 5, 2, 1)
+    assert m["ucb_picks"] == 1 and m["pending"] == 0 and m["updates"] == 3
     assert m["mean_arm_reward"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         bank.update(s, float("nan"))
+    for bad in (dict(capacity_per_task=0), dict(c=-1), dict(prior_pulls=0), dict(prior=float("inf"))):
+        with pytest.raises(ValueError):
+            SkillBank(**bad)
 
 
 def test_save_load_round_trip(tmp_path):
     rng = random.Random(7)
-    bank = SkillBank(capacity_per_task=2, global_capacity=5, c=0.3, seed=11)
+    bank = SkillBank(capacity_per_task=2, global_capacity=5, c=0.3, seed=11, prior=0.1, prior_pulls=3)
     for i in range(12):
-        bank.add(Skill(f"s{i} √", f"m{i}", f"w{i}", task_id=rng.choice([1, 2, "x"]), reward=rng.random(), step=i))
+        bank.add(Skill(f"s{i} √", f"m{i}", f"w{i}", task_id=rng.choice([1, 2, "x"]), reward=rng.random(), step=i,
+                       general=[f"g{i % 4}", "m", ""]))
     for _ in range(30):
         s = bank.select(rng.choice([1, 2, "x", 99]))
         bank.update(s, rng.gauss(0, 1) * 0.1 + 0.2)
+    held = [bank.select(t) for t in (1, 2, 99)]  # selected, update not landed yet: pending state is saved
     path = tmp_path / "skills.json"
     path.write_text("old")
     bank.save(path)
     assert os.listdir(tmp_path) == ["skills.json"]  # no temporary file left behind
     other = SkillBank.load(path)
-    assert other.state_dict() == bank.state_dict()
+    assert other.state_dict() == bank.state_dict() and other.pending and other.pending == bank.pending
     other.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+    for s in held:  # the pending picks settle on both banks alike
+        bank.update(s, 0.3)
+        other.update(other.skills[s.uid], 0.3)
     for _ in range(20):  # and the two banks behave identically afterwards
         t = rng.choice([1, 2, "x", 99])
         a, b = bank.select(t), other.select(t)
@@ -550,10 +752,19 @@ def test_save_load_round_trip(tmp_path):
         r = rng.random()
         bank.update(a, r)
         other.update(b, r)
-    assert other.state_dict() == bank.state_dict()
-    (tmp_path / "bad.json").write_text('{"skills": 3}')
-    with pytest.raises(ValueError):
-        SkillBank.load(tmp_path / "bad.json")
+        bank.add(mk(50 + _, task_id=t))
+        other.add(mk(50 + _, task_id=t))
+    assert other.state_dict() == bank.state_dict() and not bank.pending
+    # a version-1 file (no pending picks, no prior, no pool fields) still loads
+    d = bank.state_dict()
+    v1 = {**{k: v for k, v in d.items() if k not in ("prior", "prior_pulls", "pending")}, "version": 1,
+          "skills": [{k: v for k, v in s.items() if k not in ("general", "scope")} for s in d["skills"]]}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    assert set(SkillBank.load(tmp_path / "v1.json").skills) == set(bank.skills)
+    for bad in ('{"skills": 3}', json.dumps({**d, "version": 3})):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="not a skill bank"):
+            SkillBank.load(tmp_path / "bad.json")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -566,6 +777,30 @@ def test_teacher_prompt():
     assert got == (task + "\n\n### Skill from earlier attempts at this task\nSuccess analysis: Solved in 3 moves.\n"
                    "Mistake analysis: None.\nGolden workflow: Right, Up, Up\n### End of skill")
     assert "Right, Up, Up" not in task  # the student prompt stays skill-free
+
+
+def test_pool_skill_reaches_teacher_labelled_as_other_levels_without_moves():
+    """A level's rule skill goes to its own task; another task with no skill gets only the level-agnostic part."""
+    task = "You are solving Sokoban."
+    group = [episode(SOLVED, task_id=7, reward=1.0, success=True), episode(CORNER, task_id=7)]
+    bank = SkillBank(seed=0)
+    for s in summarize([group], "rule", step=1):
+        bank.add(s)
+    own = teacher_prompt(bank.select(7), task)
+    assert "### Skill from earlier attempts at this task" in own and "Right, Up, Up" in own
+    other = teacher_prompt(bank.select(8), task)
+    assert other.startswith(task + "\n\n### Skill from other levels (not this one)\n")
+    assert "this task" not in other and "this level" not in other and other.endswith("### End of skill")
+    assert "General workflow: 1. Find each box" in other and "Golden workflow" not in other
+    assert not re.search(r"move \d", other) and "Right, Up" not in other and not skills._MOVE_LIST.search(other)
+    assert teacher_prompt(bank.select(8, fallback="none"), task) == task
+    # an LLM-written skill: its pool part has no workflow line and no move list
+    llm = Skill("Going Right, Up, Up solved it.", "Left twice hit the wall.", "1. Right 2. Up 3. Up", task_id=3)
+    llm.general = skills._general_of(llm)
+    bank.add(llm)
+    p = [bank.skills[u] for u in bank.pool if bank.skills[u].task_id == 3][0]
+    text = teacher_prompt(p, task)
+    assert "(moves of that level omitted)" in text and "Right, Up" not in text and "workflow" not in text
 
 
 def test_rule_on_real_sokoban_facts():
