@@ -6,6 +6,8 @@
 2. Fused token_logprobs vs naive on CUDA: values, gradients, peak memory and time (V = 151,936, N = 8,192, C = 1,024).
 3. The sampler on CUDA under bf16 autocast: sampler log-probs vs the trainer's recomputation.
 4. train.py end to end on CUDA with a ~0.2B random model (byte tokenizer): steps complete, tokens/s.
+5. Shared-prefix vs plain training step (bench/bench_train.py) in bf16 on a random model of Qwen3-0.6B's shape:
+   log-probs and gradients agree, times and ratios for G = 4 x 247-token and G = 8 x 2,000-token prompts.
 """
 import json
 import os
@@ -110,5 +112,32 @@ with tempfile.TemporaryDirectory() as d:
           f"{sum(q.numel() for q in big.parameters()) / 1e6:.0f}M params, {time.time() - t0:.0f} s, "
           + (f"step {rows[-1]['step_time']:.1f} s, rollout {rows[-1]['rollout_time']:.1f} s, "
              f"peak {rows[-1]['peak_mem_gb']:.1f} GB" if rows else r.stderr[-1500:]))
+
+
+def check_shared_prefix():
+    """5. rollout.sampled_hidden's shared-prefix step vs the plain step, bf16 autocast, Qwen3-0.6B shape."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_train as BT
+    big = BT.qwen3_06b_shape(dev).train()
+    eps, t_eps = BT.synth_episodes(2, 4, 247, 300, big.config.vocab_size)
+    adv = torch.randn(len(eps), generator=torch.Generator().manual_seed(0)).to(dev)
+    grads = []
+    for shared in (False, True):
+        BT.train_step(big, eps, t_eps, adv, 4, shared, dev)
+        grads.append(torch.cat([q.grad.float().flatten() for q in big.parameters()]))
+    rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    check("shared-prefix gradients, CUDA bf16", rel < 0.05, f"|g_shared - g_plain| / |g_plain| = {rel:.1e}")
+    del grads
+    for G, prompt_len in ((4, 247), (8, 2000)):
+        best, ratios, dlp = BT.compare(big, dev, G, prompt_len, repeats=3)
+        d = (best["shared"]["lp"] - best["plain"]["lp"]).abs()
+        faster = ratios["wall"] < 1 if G == 8 else True  # 2,000 shared tokens of ~2,260 must pay off
+        check(f"shared-prefix step, G={G}, prompt {prompt_len}", d.mean() < 0.02 and faster,
+              f"time {best['shared']['wall'] * 1e3:.0f} vs {best['plain']['wall'] * 1e3:.0f} ms ({ratios['wall']:.2f}x), "
+              f"peak {ratios['peak']:.2f}x, positions {ratios['positions']:.2f}x, |dlogp| mean {d.mean():.1e} "
+              f"max {dlp:.1e}")
+
+
+check_shared_prefix()
 print("ALL PASS" if ok else "SOME CHECKS FAILED")
 sys.exit(0 if ok else 1)

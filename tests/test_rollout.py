@@ -291,6 +291,7 @@ def test_cache_grows_and_packs_without_changing_logits(tiny):
     assert torch.equal(small.next_pos, big.next_pos) and small.valid.sum() == big.valid.sum()
 
 
+@pytest.mark.slow  # ~15 s of CPU: attention over ~20k columns
 def test_long_tool_outputs_are_not_truncated():
     """20,000 characters of tool output over 8 calls (~20k tokens, byte tokenizer) after a short first
     observation: the cache grows, nothing is cut while the episode fits the model's context, and the sampler's
