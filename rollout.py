@@ -1,22 +1,25 @@
-"""Batched multi-turn sampling with a preallocated KV cache; episodes are token-in, token-out.
+"""Batched multi-turn sampling with a growing KV cache; episodes are token-in, token-out. Also the trainer's
+forward over episodes (`sampled_hidden`), which runs a prompt shared by a group once.
 
 The trainer scores exactly the ids sampled here: prompts, model turns and observations are kept as token ids
 from the start (an `Episode`), never re-rendered or re-tokenized, so the sampled tokens, their positions and the
 sampler's log-probs cannot drift apart from what the loss sees.
 
-Legend: L layers, B cache rows (episodes in flight), H kv heads, D head dim, T cache columns (max_len),
+Legend: L layers, B cache rows (episodes in flight), H kv heads, D head dim, T cache columns allocated,
 S columns in use after the current block, W columns in the block being written, V vocab, C hidden size,
-P distinct prompts, G samples per prompt.
+P distinct prompts, G samples per prompt, Lp longest shared prefix.
 
 Deliberate simplifications:
 - One shared write cursor: each forward writes W columns for every row, padding columns are masked out.
-  Padding therefore costs cache columns; when finished episodes are dropped (at turn boundaries), columns that
-  are padding for every remaining row are compacted away.
+  Padding therefore costs cache columns; when the cache is full, or finished episodes leave (at turn
+  boundaries), each row's real columns are packed together, so the cache holds about as many columns as the
+  longest episode has tokens.
 - Rows that ended their turn early keep riding along (as masked padding) until the slowest row of the turn is
   done (a decode step costs nearly the same for 8 rows as for 4: skinny matmuls); rows whose episode ended are
   dropped from the batch at the turn boundary, so they stop costing compute.
-- The cache never grows. When the next block does not fit, every episode still running is cut and flagged
-  `truncated` (a cut mid-turn keeps its sampled tokens but is not sent to the env).
+- The cache doubles when full. An episode that would pass max_len tokens (default: the model's
+  max_position_embeddings) is cut and flagged `truncated` (a cut mid-turn keeps its sampled tokens but is not
+  sent to the env); the other episodes go on.
 - Log-probs are recorded under the tempered model, log softmax(logits / temperature) over the full vocabulary
   (the raw model at temperature 0 or 1): the policy that actually drew the tokens, and exactly what the trainer
   recomputes from hidden / temperature, so on-policy importance ratios are 1 and the SDL estimator stays
@@ -28,6 +31,11 @@ Deliberate simplifications:
   differently (which is why nothing is ever re-tokenized). Templates that rewrite earlier turns (e.g. Qwen3
   thinking) are rejected with a clear error.
 - `max_turns` reached without the env being done ends the episode without `truncated`.
+- `sampled_hidden` shares only whole prompts (episodes identical up to their first sampled token), one level:
+  prompts that share just their beginning (the same rules over different maps) are not split into a tree, and a
+  group split over micro-batches runs its prompt once per micro-batch. The prefix pass runs the last layer's
+  MLP at every prefix position though only the last one is read (1/L of the prefix's forward). Two forward
+  calls per micro-batch cost host time: on a GPU with a small model that can eat the saving.
 """
 from dataclasses import dataclass, field, replace
 
@@ -37,38 +45,46 @@ from model import autocast
 
 
 class KVCache:
-    """Preallocated keys/values for B rows x T columns, a per-row valid mask and next RoPE position, and one
-    shared write cursor. The model calls prepare() once per forward and update() once per layer."""
+    """Keys/values for B rows x T columns, a per-row valid mask and next RoPE position, and one shared write
+    cursor. The model calls prepare(valid) once per forward, which opens a block of W columns at the cursor, then
+    update(i, k, v) once per layer, which writes layer i's keys/values into that block. T grows when full."""
 
-    def __init__(self, config, batch, max_len, device="cpu", dtype=torch.float32):
-        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)  # (L, B, H, T, D)
+    def __init__(self, config, batch, capacity, device="cpu", dtype=torch.float32):
+        shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)  # (L, B, H, T, D)
         # empty is safe: a column is only ever read after a block (padding included) has written it
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, T) real tokens
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, T) real tokens
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of the next token
-        self.max_len, self.cursor, self.block = max_len, 0, (0, 0)
+        self.cursor, self.block = 0, (0, 0)  # block: the columns prepare() opened, which update() fills
 
     @property
     def batch(self):
         return self.k.shape[1]
 
+    @property
+    def capacity(self):
+        return self.k.shape[3]
+
     def prepare(self, valid):
-        """Reserve W columns; return RoPE positions (B, W) and the attention mask (B, 1, W, S), True = attend."""
+        """Open a block of W columns at the cursor for `valid` (B, W), True = real token; return its RoPE
+        positions (B, W) and attention mask (B, 1, W, S), True = attend. In order: make room, record the block
+        (update() writes into self.block), advance each row's next position, build the mask."""
         if valid.ndim != 2 or valid.shape[0] != self.batch:
             raise ValueError(f"valid must be (B={self.batch}, W) bool, got {tuple(valid.shape)}")
         W = valid.shape[1]
+        if self.cursor + W > self.capacity:  # full: pack the rows' real columns, and double if still short
+            n = int(self.valid[:, :self.cursor].sum(1).max())
+            self.select(range(self.batch), self.capacity if n + W <= self.capacity else max(2 * self.capacity, n + W))
         start, end = self.cursor, self.cursor + W
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} columns needed, {self.max_len} allocated")
+        self.cursor, self.block = end, (start, end)  # the columns update() fills, layer by layer
         self.valid[:, start:end] = valid
         pos = (self.next_pos[:, None] + valid.cumsum(1) - 1).clamp_(min=0)  # (B, W) contiguous per row
         self.next_pos += valid.sum(1)
         cols = torch.arange(end, device=valid.device)
-        rows = cols[start:, None]  # (W, 1) column index of each query
-        mask = (cols <= rows) & self.valid[:, None, :end]  # (B, W, S) causal, padding keys hidden
-        mask |= cols == rows  # a query may always see itself: no fully masked row, no NaN
-        self.cursor, self.block = end, (start, end)
+        query_col = cols[start:, None]  # (W, 1)
+        mask = (cols <= query_col) & self.valid[:, None, :end]  # (B, W, S) causal, padding keys hidden
+        mask |= cols == query_col  # a query may always see itself: no fully masked row, no NaN
         return pos, mask[:, None]
 
     def update(self, i, k, v):
@@ -90,18 +106,24 @@ class KVCache:
         self.valid = self.valid.repeat_interleave(G, 0)
         self.next_pos = self.next_pos.repeat_interleave(G, 0)
 
-    def select(self, rows):
-        """Keep only `rows` (in that order), dropping the others; columns now padding for all rows are removed."""
+    def select(self, rows, capacity=None):
+        """Keep only `rows` (in that order) and compact: each row's real columns move, in order, to the end of
+        the first n columns (n = the most real tokens of any kept row), its padding before them. Attention does
+        not depend on key order and cached keys carry their RoPE positions, so only memory changes. capacity:
+        columns to allocate (default: as now)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
         valid = self.valid[rows, :self.cursor]  # (B', S)
-        cols = valid.any(0).nonzero().squeeze(1)  # columns some remaining row still attends to
-        n, (L, _, H, T, D) = len(cols), self.k.shape
+        n = int(valid.sum(1).max()) if len(rows) else 0
+        # a stable sort puts each row's padding first and keeps its real columns in order; keep the last n
+        cols = valid.to(torch.uint8).sort(dim=1, stable=True).indices[:, valid.shape[1] - n:]  # (B', n)
+        (L, _, H, _, D), T = self.k.shape, capacity or self.capacity
         for name in ("k", "v"):
             new = torch.empty(L, len(rows), H, T, D, device=self.k.device, dtype=self.k.dtype)
-            new[:, :, :, :n] = getattr(self, name)[:, :, :, :self.cursor].index_select(1, rows).index_select(3, cols)
+            kept = getattr(self, name)[:, rows[:, None], :, cols]  # (B', n, L, H, D): indexed dims come first
+            new[:, :, :, :n] = kept.permute(2, 0, 3, 1, 4)
             setattr(self, name, new)
         self.valid = torch.zeros(len(rows), T, dtype=torch.bool, device=valid.device)
-        self.valid[:, :n] = valid[:, cols]
+        self.valid[:, :n] = valid.gather(1, cols)
         self.next_pos, self.cursor = self.next_pos[rows], n
 
 
@@ -176,18 +198,17 @@ def _uniforms(gens, active):
     return torch.tensor([1.0 - torch.rand(1, generator=g).item() if a else 1.0 for g, a in zip(gens, active.tolist())])
 
 
-def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top_p, generator, min_new=0):
+def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top_p, generator, min_new=0,
+                 max_len=None):
     """Sample one turn for every row of the cache, starting from `logits` (B, V) of the last written column.
-    Each row stops at eos or after max_new tokens; the loop stops when all rows have, or the cache is full.
-    The last sampled token of rows still active at the end is NOT in the cache yet (the next block writes it).
-    Returns dict of tok (B, N) / logp (B, N) on CPU, n (B,) tokens sampled per row, eos (B,) ended by eos,
-    unwritten (B,) last token not in the cache, cut (B,) stopped by the context limit."""
+    A row stops at eos, after max_new tokens, or, `cut`, when one more token would make it longer than max_len.
+    Each step's forward writes the tokens drawn in the step before, so the tokens drawn in the last step are
+    NOT in the cache (`unwritten`). Returns per row: sampled ids, their log-probs, unwritten, cut (lists)."""
     B, dev = logits.shape[0], logits.device
     tok_buf = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)  # (B, N)
     logp_buf = torch.zeros(B, max_new, device=dev)  # (B, N)
-    active = torch.ones(B, dtype=torch.bool, device=dev)  # still sampling this turn
+    active = torch.ones(B, dtype=torch.bool, device=dev)  # drew a token this step
     n = torch.zeros(B, dtype=torch.long, device=dev)
-    hit_eos = torch.zeros(B, dtype=torch.bool, device=dev)
     cut = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
@@ -201,18 +222,18 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
         tok_buf[:, t] = tok
         logp_buf[:, t] = scaled.gather(1, tok[:, None]).squeeze(1) - lse
         n += active
-        stop = active & (tok == eos_id)
-        hit_eos |= stop
-        still = active & ~stop
-        if t + 1 == max_new or not still.any():
+        still = active & (tok != eos_id)
+        if t + 1 == max_new:
             break
-        if cache.cursor + 1 > cache.max_len:
-            cut = still
+        if max_len is not None:  # a row holds next_pos written tokens + tok; going on adds one more
+            cut |= still & (cache.next_pos + 2 > max_len)
+            still &= ~cut
+        if not still.any():
             break
         logits = _forward_last(model, cache, tok[:, None], active[:, None])  # rows done this turn: padding
         active = still
-    return dict(tok=tok_buf.cpu(), logp=logp_buf.cpu(), n=n.tolist(), eos=hit_eos.tolist(),
-                unwritten=active.tolist(), cut=cut.tolist())
+    tok, logp, n = tok_buf.tolist(), logp_buf.tolist(), n.tolist()
+    return [tok[r][:n[r]] for r in range(B)], [logp[r][:n[r]] for r in range(B)], active.tolist(), cut.tolist()
 
 
 def _encode(tokenizer, text):
@@ -246,21 +267,26 @@ def template_pieces(tokenizer):
 @torch.no_grad()
 def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_tokens, temperature=1.0,
             top_p=1.0, generator=None, max_len=None, system_prompts=None, min_new_tokens=0):
-    """Play P=len(seeds) tasks x G=group_size samples; returns P*G Episodes, task-major. max_len: cache
-    columns (padding included; default: a guess from the prompt and first observation, capped by the model's
-    max_position_embeddings). min_new_tokens: forbid eos for the first tokens of each turn (benchmarks).
-    generator: one torch.Generator for the batch, or a list of P*G generators, one per episode (task-major), so
-    that each episode's samples do not depend on which other episodes share the batch."""
-    P, G = len(seeds), group_size
+    """Play P=len(seeds) tasks x G=group_size samples; returns P*G Episodes, task-major. max_len: the most
+    tokens an episode may hold, prompt, turns and observations together (default and cap: the model's
+    max_position_embeddings); an episode that would pass it is cut and flagged `truncated`, the others go on.
+    min_new_tokens: forbid eos for the first tokens of each turn (benchmarks). generator: one torch.Generator
+    for the batch, or a list of P*G generators, one per episode (task-major), so that each episode's samples do
+    not depend on which other episodes share the batch."""
+    # 1. check the arguments
+    P, G, cfg = len(seeds), group_size, model.config
     if isinstance(generator, list) and len(generator) != P * G:
         raise ValueError(f"a list of generators needs one per episode ({P * G}), got {len(generator)}")
     if P == 0 or G < 1 or max_turns < 1 or max_new_tokens < 1:
         raise ValueError("need len(seeds) >= 1, group_size >= 1, max_turns >= 1, max_new_tokens >= 1")
     if system_prompts is not None and len(system_prompts) != P:
         raise ValueError(f"system_prompts must have one entry per seed ({P}), got {len(system_prompts)}")
+    max_len = cfg.max_position_embeddings if max_len is None else min(max_len, cfg.max_position_embeddings)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     after_eos, user_pre, user_post = template_pieces(tokenizer)
+
+    # 2. one env per episode; one rendered prompt per task (a group's envs must agree on the first observation)
     envs = [make_env() for _ in range(P * G)]
     obs0 = [env.reset(seeds[e // G]) for e, env in enumerate(envs)]
     if any(obs0[e] != obs0[e - e % G] for e in range(P * G)):
@@ -272,37 +298,34 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
     eps = [Episode(list(prompts[e // G]), [0] * len(prompts[e // G]), [0.0] * len(prompts[e // G]),
                    len(prompts[e // G]), observations=[obs0[e]], task_id=seeds[e // G], group=e // G)
            for e in range(P * G)]
-
-    cfg, W0 = model.config, max(map(len, prompts))
-    if max_len is None:
-        obs_len = len(_encode(tokenizer, after_eos + user_pre + obs0[0] + user_post))
-        max_len = W0 + max_turns * (max_new_tokens + 2 + 2 * obs_len)
-    max_len = min(max_len, cfg.max_position_embeddings)
+    W0 = max(map(len, prompts))
     if W0 >= max_len:
-        raise ValueError(f"prompt of {W0} tokens does not fit max_len={max_len}")
+        raise ValueError(f"prompt of {W0} tokens leaves no room to sample under max_len={max_len}")
+
+    # 3. prefill each distinct prompt once, then fork its cache row G times
     dev = model.head_weight.device
-    cache = KVCache(cfg, P, max_len, dev, _cache_dtype(model))
+    cache = KVCache(cfg, P, W0 + max_new_tokens, dev, _cache_dtype(model))  # grows when observations arrive
     logits = _forward_last(model, cache, *_left_pad(prompts, pad_id, dev)).repeat_interleave(G, 0)  # (P*G, V)
     cache.repeat(G)
     rows = list(range(P * G))  # rows[r] = episode held by cache row r
 
     for turn in range(max_turns):
+        # 4. sample one model turn for every episode still playing
         gens = [generator[e] for e in rows] if isinstance(generator, list) else generator
-        out = _sample_turn(model, cache, logits, max_new_tokens, eos_id, pad_id, temperature, top_p,
-                           gens, min_new_tokens)
-        keep, blocks, obs_ids = [], [], []
+        ids, logps, unwritten, cut = _sample_turn(model, cache, logits, max_new_tokens, eos_id, pad_id, temperature,
+                                                  top_p, gens, min_new_tokens, max_len)
+        keep, blocks = [], []
         for r, e in enumerate(rows):
-            ep, n = eps[e], out["n"][r]
-            ids = out["tok"][r, :n].tolist()
-            start = len(ep.tokens)
-            ep.tokens += ids
-            ep.mask += [1] * n
-            ep.logprobs += out["logp"][r, :n].tolist()
-            ep.turn_spans.append((start, start + n))
-            if out["cut"][r]:
+            # 5. record the turn; unless it was cut mid-turn, send its text to the env
+            ep, eos = eps[e], ids[r][-1] == eos_id
+            ep.turn_spans.append((len(ep.tokens), len(ep.tokens) + len(ids[r])))
+            ep.tokens += ids[r]
+            ep.mask += [1] * len(ids[r])
+            ep.logprobs += logps[r]
+            if cut[r]:
                 ep.truncated = True
                 continue
-            text = tokenizer.decode(ids[:-1] if out["eos"][r] else ids)
+            text = tokenizer.decode(ids[r][:-1] if eos else ids[r])
             obs, reward, done, info = envs[e].step(text)
             ep.responses.append(text)
             ep.observations.append(obs)
@@ -310,29 +333,30 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
             ep.success, ep.completion = bool(info.get("success", False)), float(info.get("completion", 0.0))
             if done or turn == max_turns - 1:
                 continue
-            # a turn cut by the budget gets its eos (mask 0: not sampled) so the context reads as the template's
-            tail = ([] if out["eos"][r] else [eos_id]) + _encode(tokenizer, after_eos + user_pre + obs + user_post)
-            keep.append(r)
-            obs_ids.append(tail)
-            blocks.append(ids[-1:] * out["unwritten"][r] + tail)
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            cache.select(keep)  # finished episodes leave the batch: no more compute, their columns compacted
-        if cache.cursor + max(map(len, blocks)) >= cache.max_len:  # no room for the observation + one token
-            for r in keep:
-                eps[rows[r]].truncated = True
-            break
-        for r, tail in zip(keep, obs_ids):
-            ep = eps[rows[r]]
+            # 6. the observation, wrapped as the chat template renders it; a turn cut by the budget gets its eos
+            # (mask 0: not sampled) so the context reads as the template's
+            tail = ([] if eos else [eos_id]) + _encode(tokenizer, after_eos + user_pre + obs + user_post)
+            if len(ep.tokens) + len(tail) >= max_len:  # no room for the observation and one more token
+                ep.truncated = True
+                continue
             ep.tokens += tail
             ep.mask += [0] * len(tail)
             ep.logprobs += [0.0] * len(tail)
+            keep.append(r)
+            # the sampler stopped before writing the last step's tokens: this row's block writes its own first
+            blocks.append(ids[r][-1:] * unwritten[r] + tail)
+        if not keep:
+            break
+        # 7. finished and truncated episodes leave the batch (no more compute); the others get their observation
+        if len(keep) < len(rows):
+            cache.select(keep)
         rows = [rows[r] for r in keep]
         logits = _forward_last(model, cache, *_left_pad(blocks, pad_id, dev))
+
+    # 8. keep each env's history; envs holding outside resources (AppWorld) release them, even when truncated
     for ep, env in zip(eps, envs):
         ep.history = list(getattr(env, "history", []))
-        if hasattr(env, "close"):  # envs holding outside resources (AppWorld) release them, even when truncated
+        if hasattr(env, "close"):
             env.close()
     return eps
 
@@ -351,14 +375,15 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     cache = KVCache(model.config, len(ids), W0 + max_new_tokens, dev, _cache_dtype(model))
     logits = _forward_last(model, cache, *_left_pad(ids, pad_id, dev))
     out = _sample_turn(model, cache, logits, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
-                       min_new_tokens)
-    return [tokenizer.decode(out["tok"][r, :out["n"][r] - out["eos"][r]].tolist(), skip_special_tokens=True)
-            for r in range(len(ids))]
+                       min_new_tokens, model.config.max_position_embeddings)[0]
+    return [tokenizer.decode(s[:-1] if s[-1] == eos_id else s, skip_special_tokens=True) for s in out]
 
 
 def reprompt(episode, tokenizer, system_prompt):
     """The same episode behind a different prompt ([system_prompt, first observation]): every id after the
-    prompt is kept byte for byte, mask / logprobs / spans shift with it. Teacher inputs and off-policy runs."""
+    prompt is kept byte for byte, mask / logprobs / spans shift with it. Teacher inputs and off-policy runs.
+    The sampled tokens, their count and their order are the student's: the trainer relies on this to split a
+    batch of teacher log-probs into rows by the student's per-row sampled-token counts."""
     prompt = _encode(tokenizer, _render(tokenizer, [{"role": "system", "content": system_prompt},
                                                     {"role": "user", "content": episode.observations[0]}], True))
     shift, k = len(prompt) - episode.prompt_len, episode.prompt_len
@@ -385,3 +410,67 @@ def batch_tensors(episodes, pad_id, device="cpu"):
         logp_old[b, :n] = torch.tensor(ep.logprobs[1:], dtype=torch.float)
         valid[b, :n] = True
     return {k: v.to(device) for k, v in dict(idx=idx, tgt=tgt, mask=mask, logp_old=logp_old, valid=valid).items()}
+
+
+# ----------------------------------------------------------------------------- scoring: a shared prefix runs once
+
+class PrefixCache:
+    """The cache protocol for `sampled_hidden`'s two passes. Pass 1 (group is None): the shared prefixes,
+    right-padded, run causally from position 0; each layer's keys/values are kept with their autograd graph.
+    Pass 2: row b's continuation starts at position start[b] and attends to the real columns of its group's
+    prefix, then causally within its own block (a row with start 0 shares nothing and sees no prefix)."""
+
+    def __init__(self):
+        self.k, self.v, self.group, self.start = {}, {}, None, None
+
+    def prepare(self, valid):
+        B, W = valid.shape
+        steps = torch.arange(W, device=valid.device)
+        causal = (steps[None, :] <= steps[:, None]).expand(B, 1, W, W)  # right padding needs no key mask
+        if self.group is None:
+            self.prefix_valid = valid  # (P, Lp)
+            return steps.expand(B, W), causal
+        seen = self.prefix_valid[self.group] & (self.start > 0)[:, None]  # (B, Lp) prefix columns of each row
+        return self.start[:, None] + steps, torch.cat([seen[:, None, None].expand(B, 1, W, -1), causal], -1)
+
+    def update(self, i, k, v):
+        if self.group is None:
+            self.k[i], self.v[i] = k, v  # (P, H, Lp, D)
+            return k, v
+        # (B, H, Lp + W, D); indexing by group hands each row its prefix, and backward sums the rows' gradients
+        return torch.cat([self.k[i][self.group], k], 2), torch.cat([self.v[i][self.group], v], 2)
+
+
+def sampled_hidden(model, episodes, pad_id, device, shared_prefix=True):
+    """Final hidden states at the sampled positions of `episodes` and their batch_tensors dict b: (hs (n, C), b),
+    hs in the order of model(b["idx"], return_hidden=True)[b["mask"] > 0]. shared_prefix: episodes identical up
+    to their first sampled token (a group's prompt) run that prompt once, which also yields the hidden state
+    predicting the first sampled token, and share its keys/values; only the rest runs per episode. Same values
+    as the plain path up to float rounding, gradients included; False runs the plain full forward."""
+    b = batch_tensors(episodes, pad_id, device)
+    sel = b["mask"] > 0  # (B, T)
+    keys = [tuple(ep.tokens[:ep.mask.index(1)]) if 1 in ep.mask else () for ep in episodes]
+    shared = list(dict.fromkeys(k for k in keys if k and keys.count(k) > 1))  # distinct, in order of first use
+    if not shared_prefix or not shared:
+        with autocast(device):
+            return model(b["idx"], return_hidden=True)[sel], b
+    group_of = {k: g for g, k in enumerate(shared)}
+    group = torch.tensor([group_of.get(k, 0) for k in keys], device=device)  # (B,) unshared rows: any, unseen
+    start = torch.tensor([len(k) if k in group_of else 0 for k in keys], device=device)  # (B,) prefix length
+    first = [keys.index(k) for k in shared]  # (P,) a row that holds each prefix
+    Lp, T = max(map(len, shared)), b["idx"].shape[1]
+    n = b["valid"].sum(1)  # (B,) real positions per row
+    cols = start[:, None] + torch.arange(int((n - start).max()), device=device)  # (B, W) plain-grid columns
+    valid = cols < n[:, None]
+    cols = cols.clamp(max=T - 1)  # padding reads an in-range column; it is never seen
+    cache = PrefixCache()
+    with autocast(device):
+        # pass 1: a holder row's later tokens fill the prefix batch to Lp; masked as padding, nobody sees them
+        hp = model(b["idx"][first, :Lp], cache=cache, valid=torch.arange(Lp, device=device) < start[first, None],
+                   return_hidden=True)  # (P, Lp, C)
+        cache.group, cache.start = group, start
+        h = model(b["idx"].gather(1, cols), cache=cache, valid=valid, return_hidden=True)  # (B, W, C)
+    # a shared row's first sampled token is predicted by its prompt's last position, computed in pass 1; reading
+    # pass 1's output also gives each of its blocks an output gradient, which FSDP2 needs to regather weights
+    h = torch.cat([hp[range(len(first)), start[first] - 1][group][:, None], h], 1)  # (B, 1 + W, C)
+    return h[torch.cat([start[:, None] > 0, sel.gather(1, cols) & valid], 1)], b

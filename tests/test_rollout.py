@@ -1,11 +1,16 @@
 """rollout.py: the cached sampler against uncached full forwards, brute-force greedy decoding, the chat template
-rendered by the tokenizer, and itself under forking / padding / reprompting."""
+rendered by the tokenizer, and itself under forking / padding / reprompting / growing; the shared-prefix scoring
+forward against the plain one (values and gradients, also under FSDP2)."""
 import copy
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import losses
 import model as M
 import rollout as R
 
@@ -242,10 +247,10 @@ def test_top_p_sampling_matches_nucleus():
 
 def test_clear_errors(tiny):
     model, tok = tiny
-    cache = R.KVCache(model.config, 1, 4)
-    with pytest.raises(RuntimeError, match="overflow"):
-        with torch.no_grad():
-            model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="valid must be"):
+        R.KVCache(model.config, 2, 4).prepare(torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no room to sample"):
+        R.rollout(model, tok, ScriptedEnv, [1], 2, 2, 4, max_len=20)
     bad = copy.deepcopy(tok)
     bad.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="chat template"):
@@ -254,3 +259,159 @@ def test_clear_errors(tiny):
         R.rollout(model, tok, ScriptedEnv, [], 2, 2, 4)
     with pytest.raises(ValueError):
         R.generate(model, tok, [""], 4)
+
+
+class ToolEnv(ScriptedEnv):
+    """AppWorld-like: a short first observation, then a long tool output per call (`chars[seed]` characters)."""
+    chars = {0: 2500}
+
+    def step(self, text):
+        self.t += 1
+        self.history.append({"turn": self.t, "text": text})
+        return f"out {self.t}: " + "abcdefgh"[self.seed % 8] * self.chars.get(self.seed, 30), 0.0, False, {}
+
+
+def test_cache_grows_and_packs_without_changing_logits(tiny):
+    """A 4-column cache that has to double and to pack its rows' real columns gives the logits of one allocated
+    big enough, also after rows are dropped."""
+    model, tok = tiny
+    small, big = R.KVCache(model.config, 3, 4), R.KVCache(model.config, 3, 256)
+    blocks = [[[5, 6, 7], [8], [9, 10, 11, 12, 13]], [[14], [15, 16, 17, 18, 19, 20], [21]],
+              [[22, 23, 24, 25, 26, 27, 28, 29], [30], [31]], [[32], [33], [34]]]
+    with torch.no_grad():
+        for i, blk in enumerate(blocks):
+            if i == 3:
+                small.select([2, 0, 1])
+                big.select([2, 0, 1])
+            a = R._forward_last(model, small, *R._left_pad(blk, 0, "cpu"))
+            b = R._forward_last(model, big, *R._left_pad(blk, 0, "cpu"))
+            assert torch.allclose(a, b, atol=1e-5)
+            if i == 2:  # grew 4 -> 8 -> 16, then packing alone made room: fewer columns than the padded layout
+                assert small.capacity == 16 and small.cursor == 15 and big.cursor == 19
+    assert torch.equal(small.next_pos, big.next_pos) and small.valid.sum() == big.valid.sum()
+
+
+@pytest.mark.slow  # ~15 s of CPU: attention over ~20k columns
+def test_long_tool_outputs_are_not_truncated():
+    """20,000 characters of tool output over 8 calls (~20k tokens, byte tokenizer) after a short first
+    observation: the cache grows, nothing is cut while the episode fits the model's context, and the sampler's
+    log-probs still equal a full forward's."""
+    model, tok = M.load("tiny")
+    model.config.max_position_embeddings = 32768
+    eps = R.rollout(model, tok, ToolEnv, [0], 1, 9, 4, generator=torch.Generator().manual_seed(0))
+    ep = eps[0]
+    assert not ep.truncated and len(ep.responses) == 9 and sum(map(len, ep.observations[1:-1])) > 20000
+    assert len(ep.tokens) > 20000
+    idx = torch.tensor([ep.tokens])
+    with torch.no_grad():  # right-padding free single row: plain causal forward
+        logp = torch.log_softmax(model(idx[:, :-1])[0], -1).gather(-1, idx[0, 1:, None])[:, 0]
+    m = torch.tensor(ep.mask[1:]).bool()
+    assert (logp[m] - torch.tensor(ep.logprobs[1:])[m]).abs().max() <= 1e-4
+
+
+def test_max_len_cuts_only_the_episodes_that_reach_it(tiny):
+    model, tok = tiny
+    gens = lambda seeds: [torch.Generator().manual_seed(10 * s + j) for s in seeds for j in range(2)]  # noqa: E731
+    old, ToolEnv.chars = ToolEnv.chars, {0: 150}
+    try:
+        eps = R.rollout(model, tok, ToolEnv, [0, 1], 2, 4, 8, generator=gens([0, 1]), max_len=300)
+        alone = R.rollout(model, tok, ToolEnv, [1], 2, 4, 8, generator=gens([1]))
+    finally:
+        ToolEnv.chars = old
+    assert [ep.truncated for ep in eps] == [True, True, False, False]
+    assert all(len(ep.tokens) <= 300 for ep in eps) and max(len(ep.tokens) for ep in eps[:2]) > 250
+    assert [ep.tokens for ep in eps[2:]] == [ep.tokens for ep in alone]  # the short episodes went on, unchanged
+    ours, ref = recomputed_logp(model, eps, tok.pad_token_id)
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def grpo_sdl_step(model, eps, teacher_eps, adv, micro_batch, shared):
+    """A train.py-like step: teacher log-probs (no grad), then GRPO + SDL over micro-batches, gradients summed.
+    Returns the student's hidden states and log-probs, the teacher's log-probs, and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    num, pad, out = sum(sum(e.mask) for e in eps), 256, {"h": [], "lp": [], "lt": []}
+    for j in range(0, len(eps), micro_batch):
+        rows = list(range(j, min(j + micro_batch, len(eps))))
+        with torch.no_grad():
+            ht, bt = R.sampled_hidden(model, [teacher_eps[i] for i in rows], pad, "cpu", shared)
+            lt_flat = losses.token_logprobs(ht, model.head_weight, bt["tgt"][bt["mask"] > 0])
+        hs, b = R.sampled_hidden(model, [eps[i] for i in rows], pad, "cpu", shared)
+        sel = b["mask"] > 0
+        lp = losses.token_logprobs(hs, model.head_weight, b["tgt"][sel])
+        logp, lt = torch.zeros(sel.shape), torch.zeros(sel.shape)
+        logp[sel], lt[sel] = lp, lt_flat  # reprompt keeps each row's sampled tokens: the teacher's line up
+        loss = (losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], num_tokens=num)[0]
+                + losses.sdl_loss(logp, b["logp_old"], lt, b["mask"], num_tokens=num)[0])
+        loss.backward()
+        out["h"].append(hs.detach())
+        out["lp"].append(lp.detach())
+        out["lt"].append(lt_flat)
+    out = {k: torch.cat(v) for k, v in out.items()}
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("micro_batch", [5, 3])
+def test_shared_prefix_equals_plain_forward(eos_tiny, micro_batch):
+    """Four groups of 3 with prompts of different lengths, in micro-batches of 5 (groups split, rows that share
+    with nobody, prefixes of different lengths in one batch) or of 3 (one group each); teacher episodes reprompted
+    behind longer, per-group skill prompts: hidden states, log-probs and every parameter gradient of GRPO + SDL
+    match the plain path within 1e-5 relative, while the shared path computes fewer positions."""
+    model, tok = eos_tiny
+    eps = R.rollout(model, tok, ScriptedEnv, [0, 1, 2, 5], 3, 3, 10, generator=torch.Generator().manual_seed(4))
+    teacher = [R.reprompt(e, tok, f"Skill {e.group}: " + "push boxes, avoid corners. " * (e.group + 1)) for e in eps]
+    adv = torch.randn(len(eps), generator=torch.Generator().manual_seed(0))
+    tokens, forward = [], model.forward
+
+    def counting_forward(idx, **kw):
+        tokens.append(idx.numel())
+        return forward(idx, **kw)
+
+    model.forward = counting_forward
+    try:
+        plain, g_plain = grpo_sdl_step(model, eps, teacher, adv, micro_batch, shared=False)
+        n_plain = sum(tokens)
+        tokens.clear()
+        shared, g_shared = grpo_sdl_step(model, eps, teacher, adv, micro_batch, shared=True)
+    finally:
+        del model.forward
+        model.zero_grad(set_to_none=True)
+    print(f"positions computed: plain {n_plain}, shared prefix {sum(tokens)}")
+    assert sum(tokens) < (0.9 if micro_batch == 5 else 0.7) * n_plain
+    close = lambda a, b: (a - b).abs().max() <= 1e-5 * b.abs().max()  # noqa: E731
+    for k in plain:
+        assert plain[k].shape == shared[k].shape and close(shared[k], plain[k]), k
+    assert all(close(g_shared[n], g_plain[n]) for n in g_plain) and len(g_plain) == len(list(model.parameters()))
+
+
+FSDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path[:0] = [{root!r}, {tests!r}]
+import model as M, rollout as R
+from test_rollout import ScriptedEnv, grpo_sdl_step
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model, tok = M.load("tiny")
+eps = R.rollout(model, tok, ScriptedEnv, [1, 2], 2, 2, 8, generator=torch.Generator().manual_seed(0))
+teacher = [R.reprompt(e, tok, "Skill: push boxes. " * 4) for e in eps]
+for block in model.layers:
+    fully_shard(block)
+fully_shard(model)
+mine = slice(2 * rank, 2 * rank + 2)  # each rank one group
+res = [grpo_sdl_step(model, eps[mine], teacher[mine], torch.tensor([1.0, -1.0]), 2, s)[1] for s in (False, True)]
+for n, g in res[0].items():
+    a, b = g.full_tensor(), res[1][n].full_tensor()
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max(), n
+print("fsdp ok", rank)
+"""
+
+
+@pytest.mark.slow
+def test_shared_prefix_under_fsdp2(tmp_path):
+    """Two gloo ranks, blocks wrapped with fully_shard as train.py does: both paths give the same gradients."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "fsdp_prefix.py"
+    script.write_text(FSDP_SCRIPT.format(root=os.path.dirname(here), tests=here))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("fsdp ok") == 2, r.stderr[-3000:]
