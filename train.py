@@ -84,7 +84,25 @@ def parse_args(argv=None):
     g.add_argument("--skill-file", default=None,
                    help="a JSON skill (success_analysis, mistake_analysis, golden_workflow) used for every task "
                         "instead of the learned bank (static skills)")
-    g.add_argument("--ucb-c", type=float, default=0.5, help="UCB exploration constant (units of the arm reward)")
+    g.add_argument("--ucb-c", type=float, default=0.2,
+                   help="UCB exploration constant, in units of the arm reward (a within-group correlation in [-1, 1] "
+                        "for the teacher methods; see skills.SkillBank for why 0.2)")
+    g.add_argument("--skill-fallback", default="none", choices=["none", "pool"],
+                   help="a task with no skill of its own yet: none = no distillation signal for it (the paper's "
+                        "per-task bank); pool = a level-agnostic skill from other levels, labelled as such in the "
+                        "teacher prompt, without a move list")
+    g.add_argument("--sdl-estimator", default="k3", choices=["k3", "full"],
+                   help="distillation estimator: k3 = the paper's sampled-token rho*(e^-l - 1 + l); full = the exact "
+                        "reverse KL over the whole vocabulary at each sampled position (its average over the sampled "
+                        "token: same expected gradient, no sampling noise; more head matmuls)")
+    g.add_argument("--summarizer-wait", type=float, default=0.0,
+                   help="seconds a step may wait for pending summaries before using the bank (0 = never wait: "
+                        "the paper's asynchronous design, skills arrive at later steps; only matters for openai:)")
+    g.add_argument("--summarizer-workers", type=int, default=2,
+                   help="openai: summariser requests in flight at once (one task group each)")
+    g.add_argument("--no-structured-output", action="store_true",
+                   help="openai: summariser: ask for plain text instead of the skill's JSON schema (structured output "
+                        "is negotiated: json_schema, then json_object with a schema, then text)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -94,6 +112,14 @@ def parse_args(argv=None):
     g.add_argument("--group-size", type=int, default=4, help="episodes per task (GRPO group), >= 2")
     g.add_argument("--micro-batch", type=int, default=4, help="episodes per forward/backward")
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the fused log-prob kernel")
+    g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="score each group's shared prompt once, for the student and the teacher, instead of once per "
+                        "episode (same values and gradients up to float rounding); --no-shared-prefix runs the plain "
+                        "full forward. Saves compute on CPU and memory everywhere; on a GPU with a small model the "
+                        "step is host-bound and can be slower (README)")
+    g.add_argument("--tf32-grads", action="store_true",
+                   help="CUDA: run the LM-head gradient matmuls of the fused kernel on TF32 tensor cores (log-probs "
+                        "stay exact fp32; gradients carry ~5e-4 relative rounding); no effect on CPU")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer state over ranks (FSDP2 fully_shard) for models "
                         "whose training state does not fit replicated; sampling gathers the full weights once")
@@ -124,7 +150,10 @@ def parse_args(argv=None):
                    help="sampling temperature for training rollouts (0.7 keeps the 135M demo model coherent); the "
                         "policy trained, distilled and scored is the tempered one, softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    g.add_argument("--max-len", type=int, default=None, help="context limit per episode (default: the model's)")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="most tokens an episode may hold (prompt, turns and observations); an episode that reaches it "
+                        "is cut and flagged truncated, the others go on; the KV cache grows as needed (default and "
+                        "cap: the model's max_position_embeddings)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
     g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")
@@ -152,7 +181,9 @@ def parse_args(argv=None):
     if not sdl and (args.teacher != "dynamic" or args.teacher_sync_every != 1):
         p.error(f"--teacher / --teacher-sync-every only apply to methods with a teacher (skill-sd, opd), "
                 f"not --method {args.method}")
-    checks = [(args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
+    checks = [(args.summarizer_wait >= 0 and args.summarizer_workers >= 1,
+               "--summarizer-wait must be >= 0 and --summarizer-workers >= 1"),
+              (args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
               (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
                "counts must be positive"),
               (args.teacher_sync_every >= 1, "--teacher-sync-every must be >= 1"),
@@ -279,27 +310,52 @@ def episode_dict(ep, env_name, task_prompt):
             "facts": envs.sokoban_facts(ep.history) if env_name.startswith("sokoban") else None}
 
 
-def policy_logprobs(model, b, inv_t, chunk):
-    """Hidden states / T at a batch's sampled positions, flattened row-major over its mask, and their fp32
-    log-probs under the tempered policy softmax(logits / T) = softmax((h / T) @ W.T): (n, C), (n,)."""
-    with autocast(b["idx"].device):
-        h = model(b["idx"], return_hidden=True)  # (B, T, C)
-    hs = h[b["mask"] > 0].float() * inv_t  # (n, C)
-    return hs, losses.token_logprobs(hs, model.head_weight.float(), b["tgt"][b["mask"] > 0], chunk)
+def policy_logprobs(model, episodes, pad_id, device, inv_t, args):
+    """Hidden states / T at the episodes' sampled positions, flattened row-major over their mask, and their fp32
+    log-probs under the tempered policy softmax(logits / T) = softmax((h / T) @ W.T): (n, C), (n,); and the
+    batch dict. With --shared-prefix each group's common prompt runs once (rollout.sampled_hidden)."""
+    h, b = rollout.sampled_hidden(model, episodes, pad_id, device, shared_prefix=args.shared_prefix)  # (n, C)
+    hs = h.float() * inv_t
+    return hs, losses.token_logprobs(hs, model.head_weight.float(), b["tgt"][b["mask"] > 0], args.chunk_size,
+                                     tf32_grads=args.tf32_grads), b
 
 
 def teacher_logprobs(t_model, episodes, pad_id, device, inv_t, args):
-    """logp_teacher of every episode's sampled tokens, one (n_i,) tensor per episode, in micro-batches.
-    The episodes carry the teacher's prompt (`reprompt` swaps only the prompt, so every episode keeps its sampled
-    tokens, their order and count: the flat log-probs split back per episode by its own mask)."""
-    out = []
+    """The teacher's (hidden states / T, log-probs) at every episode's sampled tokens: one (n_i, C) and one (n_i,)
+    tensor per episode, computed in micro-batches without gradient. The hidden states are kept only for
+    --sdl-estimator full. The episodes carry the teacher's prompt: `reprompt` swaps only the prompt, so every
+    episode keeps its sampled tokens, their order and count, and the flat outputs split back by its own mask."""
+    hs_out, logp_out = [], []
     t_model.eval()
     with torch.no_grad():
         for j in range(0, len(episodes), args.micro_batch):
             chunk = episodes[j:j + args.micro_batch]
-            flat = policy_logprobs(t_model, rollout.batch_tensors(chunk, pad_id, device), inv_t, args.chunk_size)[1]
-            out += flat.split([sum(e.mask) for e in chunk])
-    return out
+            hs, logp, _ = policy_logprobs(t_model, chunk, pad_id, device, inv_t, args)
+            counts = [sum(e.mask) for e in chunk]
+            hs_out += hs.split(counts) if args.sdl_estimator == "full" else [None] * len(chunk)
+            logp_out += logp.split(counts)
+    return hs_out, logp_out
+
+
+def pearson(x, y):
+    """Correlation of two equal-length lists; None when either is constant (or shorter than 2)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or x.std() < 1e-12 or y.std() < 1e-12:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def arm_rewards(rewards, adv, gap, skill_in_student):
+    """The UCB arm reward of each of this rank's groups, None where the group carries no information. For the
+    teacher methods: the within-group correlation of the advantages A_i with the per-episode mean gap
+    mean_t(logp_teacher - logp), in [-1, 1] (does the skill-conditioned teacher favour the better episodes?);
+    None for a group with equal rewards (A = 0) or without a teacher. Skill-augmented GRPO has no teacher: the
+    mean reward of the group the skill guided."""
+    P, G = rewards.shape
+    if skill_in_student:
+        return [rewards[g].mean().item() for g in range(P)]
+    return [pearson(adv[g * G:(g + 1) * G], [np.mean(gap[i]) for i in range(g * G, (g + 1) * G)])
+            if all(i in gap for i in range(g * G, (g + 1) * G)) else None for g in range(P)]
 
 
 def add_metrics(sums, metrics, weight):
@@ -323,28 +379,39 @@ def reduce_metrics(parts, world):
     return m, total
 
 
-def step_metrics(step, eps, rewards, frac_zero_var, distilled, sums, use_grpo, use_sdl, summarizer, bank, world):
-    """The step's metrics over all ranks (a collective: every rank calls it)."""
-    n_local, n_distill = sum(sum(e.mask) for e in eps), sums.get("n_distill", 0.0)
+def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, sums, use_grpo, use_sdl, summarizer, bank, new_skills, world):
+    """The step's metrics over all ranks (a collective: every rank calls it). teacher_adv_corr: over the step's
+    distilled episodes in groups with unequal rewards, the correlation of A_i with the episode's mean gap
+    mean_t(logp_teacher - logp) centred in its group (positive = the skill-conditioned teacher prefers the better
+    episodes, which is what SDL needs; the centring removes each skill's overall offset)."""
+    P, G = rewards.shape
+    n_local = sum(sum(e.mask) for e in eps)
     means = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
              "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
-             "distill_frac": len(distilled) / len(eps) if use_sdl else 0.0,
+             "distill_frac": len(gap) / len(eps) if use_sdl else 0.0,
              "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
-    weighted = {"entropy": (sums.get("entropy_sum", 0.0), n_local), "gap": (sums.get("gap_sum", 0.0), n_distill),
+    n_distill = sums.get("n_distill", 0.0)
+    weighted = {"entropy": (sums.get("entropy_sum", 0.0), n_local), "gap": (sum(sum(v) for v in gap.values()), n_distill),
                 **{k: (sums[k], n_local) for k in ("clip_frac", "ratio_mean") if k in sums},
-                **{k: (sums[k], n_distill) for k in ("l_mean", "rho_mean", "k3_mean") if k in sums}}
+                **{k: (sums[k], n_distill) for k in ("l_mean", "rho_mean", "k3_mean", "kl_mean") if k in sums}}
     summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
               "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
     maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
-    counts = {**{k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))},
-              **{k: bank.counters[k] for k in ("selects", "hits", "fallbacks")}}  # per rank: summed
-    m, total = reduce_metrics(all_gather_objects((means, weighted, summed, maxed, counts), world), world)
-    m = {"step": step + 1, **m}
-    m["skills"] = {**bank.metrics(), **{k: total[k] for k in ("selects", "hits", "fallbacks")},
-                   "hit_rate": total["hits"] / max(total["selects"], 1),
-                   "fallback_rate": total["fallbacks"] / max(total["selects"], 1)}
-    m["summarizer"] = {k: v for k, v in total.items() if k not in ("selects", "hits", "fallbacks")}
-    return m
+    counts = {k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))}  # per rank: summed
+    pairs = []  # (A_i, centred mean gap) of distilled episodes in groups with unequal rewards
+    for g in range(P):
+        rows = [i for i in range(g * G, (g + 1) * G) if i in gap]
+        if rows and rewards[g].std() > 0:
+            c = np.mean([np.mean(gap[i]) for i in rows])
+            pairs += [(adv[i], np.mean(gap[i]) - c) for i in rows]
+    parts = all_gather_objects((means, weighted, summed, maxed, counts, pairs), world)
+    m, total = reduce_metrics([p[:5] for p in parts], world)
+    pairs = sum((p[5] for p in parts), [])
+    ages = [step - k.step for k in new_skills]
+    return {"step": step + 1, **m, "teacher_adv_corr": pearson(*zip(*pairs)) if len(pairs) > 1 else None,
+            "skills": {**bank.metrics(), "new": len(new_skills), "age_mean": float(np.mean(ages)) if ages else None,
+                       "age_max": max(ages) if ages else None},
+            "summarizer": total}
 
 
 def log_episodes(args, step, eps, student_eps, picked):
@@ -380,7 +447,8 @@ def make_summarizer(args, model, tok, device):
         with torch.no_grad(), autocast(device):
             return rollout.generate(model, tok, texts, max_new_tokens=256, temperature=0.0)
     return skills.AsyncSummarizer(args.summarizer, complete=complete, sync=not args.summarizer.startswith("openai:"),
-                                  model=args.summarizer_model)
+                                  workers=args.summarizer_workers, model=args.summarizer_model,
+                                  structured=not args.no_structured_output)
 
 
 def check_max_len(args, tok, env, seed):
@@ -649,10 +717,11 @@ def main(argv=None):
         sys.exit(f"error: cannot use --out {args.out} as the output folder: {e.strerror}")
     if args.resume:
         start, bank, state = load_checkpoint(args.out, model, opt, teacher, device, rank, world)
-        if rank == 0:  # counters are per rank and summed for the metrics: only rank 0's were saved
-            summarizer.stats.update(state["summarizer"])
-        else:
-            bank.counters.update(selects=0, hits=0, fallbacks=0)
+        saved = state["summarizer"]  # every rank's counters (each rank summarises its own groups)
+        if len(saved) == world:
+            summarizer.stats.update(saved[rank])
+        elif rank == 0:  # resumed on another number of ranks: rank 0 carries the totals
+            summarizer.stats.update({k: sum(d.get(k, 0) for d in saved) for k in saved[0] if isinstance(saved[0][k], int)})
     run = start_tracker(args, rank)
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
@@ -668,12 +737,14 @@ def main(argv=None):
     for step in bar:
         t0 = time.time()
         # 1. tasks: one permutation of the eligible (curriculum) tasks per step, the same on every rank (the
-        #    constant only decorrelates it from the episode seeds); rank r takes its own P groups
+        #    constant only decorrelates it from the episode seeds). Every rank picks the skills of ALL groups, so
+        #    every rank's bank stays identical; rank r then takes its own P groups.
         n_elig = envs.curriculum(len(train_seeds), step, args.steps, args.curriculum_start, args.curriculum_full_at)
         order = np.random.default_rng(args.seed * 7919 + step).permutation(n_elig)
+        all_seeds = [train_seeds[order[g % n_elig]] for g in range(P * world)]
+        all_picked = [fixed_skill or (bank.select(s, args.skill_fallback) if uses_bank else None) for s in all_seeds]
         groups = list(range(rank * P, (rank + 1) * P))  # global group indices of this rank
-        seeds = [train_seeds[order[g % n_elig]] for g in groups]
-        picked = [fixed_skill or (bank.select(s) if uses_bank else None) for s in seeds]  # (P,) Skill or None
+        seeds, picked = all_seeds[rank * P:(rank + 1) * P], all_picked[rank * P:(rank + 1) * P]  # (P,) each
         skill_prompts = [skills.teacher_prompt(k, task_prompt) for k in picked]
 
         with full_weights(model, teacher):  # sampling and teacher scoring run on full weights (no-op unless --fsdp)
@@ -697,18 +768,22 @@ def main(argv=None):
             adv, frac_zero_var = losses.group_advantages(rewards)
             adv = adv.view(-1).to(device)  # (B,) one advantage per episode
 
-            # 4. skills: submit this step's episodes; skills finished by now (all ranks') enter every rank's bank
+            # 4. skills: one summary per task group (its G episodes side by side); skills finished by now (all
+            #    ranks') enter every rank's bank in rank order
             if uses_bank:
-                summarizer.submit([episode_dict(e, args.env, task_prompt) for e in eps], step)
-            for new in all_gather_objects(summarizer.collect(), world):
-                for k in new:
-                    bank.add(k)
+                summarizer.submit([[episode_dict(e, args.env, task_prompt) for e in eps[g * G:(g + 1) * G]]
+                                   for g in range(P)], step)
+            new_skills = sum(all_gather_objects(summarizer.collect(wait_s=args.summarizer_wait), world), [])
+            for k in new_skills:
+                bank.add(k)
 
-            # 5. teacher log-probs of the student's exact tokens under skill + task (groups with a skill only)
+            # 5. teacher log-probs (and, for --sdl-estimator full, hidden states) of the student's exact tokens
+            #    under skill + task, for the groups that have a skill
             distilled = [i for i in range(len(eps)) if picked[i // G] is not None] if use_sdl else []
             t_eps = [eps[i] if args.rollout_owner == "teacher" else rollout.reprompt(eps[i], tok, skill_prompts[i // G])
                      for i in distilled]
-            logp_teacher = dict(zip(distilled, teacher_logprobs(teacher or model, t_eps, pad_id, device, inv_t, args)))
+            t_hs, t_logp = teacher_logprobs(teacher or model, t_eps, pad_id, device, inv_t, args)
+            hs_teacher, logp_teacher = dict(zip(distilled, t_hs)), dict(zip(distilled, t_logp))
             model.train()
 
         # 6. loss over micro-batches, normalised by the global number of sampled tokens N
@@ -718,40 +793,41 @@ def main(argv=None):
         num_tokens = num_tokens.item()
         opt.zero_grad(set_to_none=True)
         sums = {}  # this rank's token-weighted metric sums (and maxima), see add_metrics
-        arm = {}  # group -> [A_i * mean_t (logp_teacher - logp_old)] over its distilled episodes: the UCB arm reward
+        logp_student = {}  # episode -> (n_i,) its sampled tokens' log-probs under the student (detached)
         for j in range(0, len(eps), args.micro_batch):
             rows = list(range(j, min(j + args.micro_batch, len(eps))))
-            b = rollout.batch_tensors([student_eps[i] for i in rows], pad_id, device)
+            hs, lp, b = policy_logprobs(model, [student_eps[i] for i in rows], pad_id, device, inv_t, args)  # with grad
             sel = b["mask"] > 0  # (b, T)
-            hs, lp = policy_logprobs(model, b, inv_t, args.chunk_size)  # (n, C), (n,) with grad
+            logp_student.update(zip(rows, lp.detach().split(sel.sum(1).tolist())))
             logp = torch.zeros(sel.shape, device=device)
             logp[sel] = lp  # (b, T) grid, grad flows to the sampled positions
-            n_tokens = sel.sum().item()
             loss = torch.zeros((), device=device)
             if use_grpo:
                 loss_grpo, mg = losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], args.eps_low,
                                                  args.eps_high, num_tokens=num_tokens)
                 loss = loss + loss_grpo
-                add_metrics(sums, mg, n_tokens)
+                add_metrics(sums, mg, sel.sum().item())
                 add_metrics(sums, {"loss_grpo": loss_grpo.item()}, 1)
-            if use_sdl:
-                lt = torch.zeros(sel.shape, device=device)  # (b, T) logp_teacher on the grid
-                dmask = torch.zeros(sel.shape, device=device)  # (b, T) the distilled rows' sampled tokens
-                for r, i in enumerate(rows):
-                    if i in logp_teacher:
-                        lt[r, sel[r]] = logp_teacher[i].to(device)
-                        dmask[r] = b["mask"][r]
-                gap = ((lt - b["logp_old"]) * dmask).sum(1).tolist()  # (b,) logp_teacher - logp_old, summed per row
-                for r, i in enumerate(rows):
-                    if i in logp_teacher:
-                        arm.setdefault(i // G, []).append(adv[i].item() * gap[r] / sum(student_eps[i].mask))
-                loss_sdl, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
+            if use_sdl:  # also with no distilled row here: the loss stays connected to the graph
+                dmask = torch.stack([b["mask"][r] * (i in logp_teacher) for r, i in enumerate(rows)])  # (b, T)
+                if args.sdl_estimator == "k3":
+                    lt = torch.zeros(sel.shape, device=device)  # (b, T) logp_teacher on the grid
+                    for r, i in enumerate(rows):
+                        if i in logp_teacher:
+                            lt[r, sel[r]] = logp_teacher[i].to(device)
+                    loss_sdl, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
+                else:  # the exact reverse KL over the vocabulary at every sampled position
+                    C = hs.shape[1]
+                    hs_t = torch.cat([hs_teacher[i].to(device) if i in hs_teacher else hs.new_zeros(n, C)
+                                      for i, n in zip(rows, sel.sum(1).tolist())])  # (n, C)
+                    loss_sdl, ms = losses.sdl_full_loss(hs, model.head_weight.float(), hs_t,
+                                                        (teacher or model).head_weight.detach().float(),
+                                                        dmask[sel], num_tokens=num_tokens, chunk_size=args.chunk_size)
                 loss = loss + args.lam * loss_sdl
                 n_distill = dmask.sum().item()
                 if n_distill:
                     add_metrics(sums, ms, n_distill)
-                    add_metrics(sums, {"n_distill": n_distill, "gap_sum": sum(gap)}, 1)
-                add_metrics(sums, {"loss_sdl": loss_sdl.item()}, 1)
+                add_metrics(sums, {"loss_sdl": loss_sdl.item(), "n_distill": n_distill}, 1)
             with torch.no_grad():  # before backward: under FSDP the head is resharded after it
                 ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)
                 add_metrics(sums, {"entropy_sum": ent.sum().item()}, 1)
@@ -771,19 +847,18 @@ def main(argv=None):
         if teacher is not None and args.teacher == "dynamic" and (step + 1) % args.teacher_sync_every == 0:
             teacher.load_state_dict(model.state_dict())
 
-        # 9. UCB: arm reward of each used skill, applied on every rank in rank order
-        if skill_in_student:  # no teacher to score: a skill's arm reward is the mean reward of the group it guided
-            arm = {g: [rewards[g].mean().item()] for g in range(P)}
-        updates = [(picked[g].uid, sum(v) / len(v)) for g, v in sorted(arm.items())
-                   if picked[g] is not None and fixed_skill is None]
-        for ups in all_gather_objects(updates, world):
-            for uid, r in ups:
-                if uid in bank.skills and math.isfinite(r):
-                    bank.update(bank.skills[uid], r)
+        # 9. UCB: every selected skill gets its group's arm reward, or is released (no information), on every rank
+        # the teacher-minus-student gap per token, against the student's own log-probs (for the off-policy
+        # ablation too, whose logp_old is the teacher's sampling log-prob)
+        gap = {i: (logp_teacher[i] - logp_student[i]).tolist() for i in distilled}  # episode -> (n_i,)
+        arms = arm_rewards(rewards, adv.tolist(), gap, skill_in_student)  # (P,) float or None
+        for g, r in enumerate(sum(all_gather_objects(arms, world), [])):
+            if all_picked[g] is not None and fixed_skill is None:
+                bank.update(all_picked[g], r) if r is not None else bank.release(all_picked[g])
 
         # 10. log, evaluate, checkpoint
-        m = step_metrics(step, eps, rewards, frac_zero_var, distilled, sums, use_grpo, use_sdl, summarizer, bank,
-                         world)
+        m = step_metrics(step, eps, rewards, frac_zero_var, adv.tolist(), gap, sums, use_grpo, use_sdl, summarizer, bank,
+                         new_skills, world)
         dt = time.time() - t0
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -801,12 +876,14 @@ def main(argv=None):
             track(run, m, args.out)
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            extra = {"summarizer": dict(summarizer.stats)}  # more trainer state goes here; load_checkpoint returns it
+            extra = {"summarizer": all_gather_objects(dict(summarizer.stats), world)}  # load_checkpoint returns it
             save_checkpoint(args.out, step + 1, model, tok, opt, bank, teacher, extra, args, rank)
         if world > 1:
             dist.barrier()
 
-    summarizer.close(drain=False)
+    summarizer.close(timeout=3.0)  # requests still in flight are abandoned (and counted), never waited out
+    if rank == 0 and summarizer.stats.get("abandoned"):
+        print(f"summariser: {summarizer.stats['abandoned']} group(s) still in flight abandoned at exit", flush=True)
     if rank == 0 and args.eval_n > 0 and os.path.exists(os.path.join(args.out, "eval.md")):
         print(open(os.path.join(args.out, "eval.md")).read())
     if rank == 0 and args.steps > start:
