@@ -106,6 +106,7 @@ def write_report(out_dir, name, results, summary, tag="eval"):
 
 PLOT_KEYS = [("reward", "mean episode reward"), ("success", "training success rate"),
              ("loss_grpo", "GRPO loss"), ("loss_sdl", "SDL loss"), ("gap", "teacher - student log-prob"),
+             ("teacher_adv_corr", "corr(A, teacher - student gap)"),
              ("entropy", "entropy (nats/token)"), ("eval_acc", "eval Acc %"), ("eval_comp", "eval Comp %")]
 
 
