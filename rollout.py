@@ -437,8 +437,12 @@ class PrefixCache:
         if self.group is None:
             self.k[i], self.v[i] = k, v  # (P, H, Lp, D)
             return k, v
-        # (B, H, Lp + W, D); indexing by group hands each row its prefix, and backward sums the rows' gradients
-        return torch.cat([self.k[i][self.group], k], 2), torch.cat([self.v[i][self.group], v], 2)
+        # (B, H, Lp + W, D): a one-hot matmul hands each row its group's prefix (exact: x * 1 + 0), and its
+        # backward sums the rows' gradients in a fixed order; indexing (k[group]) would accumulate them with
+        # index_put_, whose order on CPU varies from run to run (non-deterministic gradients)
+        onehot = torch.nn.functional.one_hot(self.group, self.k[i].shape[0]).to(k.dtype)  # (B, P)
+        return (torch.cat([torch.einsum("bp,phld->bhld", onehot, self.k[i]), k], 2),
+                torch.cat([torch.einsum("bp,phld->bhld", onehot, self.v[i]), v], 2))
 
 
 def sampled_hidden(model, episodes, pad_id, device, shared_prefix=True):

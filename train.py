@@ -213,6 +213,10 @@ def parse_args(argv=None):
 # distributed helpers: plain `python train.py` is one process; torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
 
 def setup_dist(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.prompts_per_step % world:
+        sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) must be divisible by the number of "
+                 f"processes ({world}): a task group never spans ranks")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
     device = torch.device(args.device)
@@ -303,6 +307,28 @@ def episode_rngs(seed, step, groups, G):
 # ------------------------------------------------------------------------------------------------------------
 # pieces of a step
 
+def build(model, use_sdl, args):
+    """The teacher, (model, teacher) sharded under --fsdp, and the optimizer. The teacher is None when it is the
+    student itself (dynamic, K = 1: the pre-update weights of this step), else a copy refreshed every K steps or
+    the initial weights (frozen)."""
+    teacher = None
+    if use_sdl and (args.teacher == "frozen" or args.teacher_sync_every > 1):
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.fsdp:
+        model, teacher = shard(model), teacher and shard(teacher)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    return model, teacher, opt
+
+
+def play(player, tok, make_env, seeds, generators, args, system_prompts=None):
+    """G episodes of each task in one batch, sampled without gradient (student or teacher, plain or skill prompt)."""
+    player.eval()
+    with torch.no_grad(), autocast(next(player.parameters()).device):
+        return rollout.rollout(player, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, generator=generators,
+                               max_len=args.max_len, system_prompts=system_prompts)
+
+
 def episode_dict(ep, env_name, task_prompt):
     """The plain record the summariser sees (no tensors)."""
     return {"task_id": ep.task_id, "env": env_name, "task": task_prompt + "\n\n" + (ep.observations[0] if ep.observations else ""),
@@ -336,6 +362,41 @@ def teacher_logprobs(t_model, episodes, pad_id, device, inv_t, args):
             hs_out += hs.split(counts) if args.sdl_estimator == "full" else [None] * len(chunk)
             logp_out += logp.split(counts)
     return hs_out, logp_out
+
+
+def sdl_term(logp, hs, b, rows, logp_teacher, hs_teacher, model, teacher, num_tokens, args):
+    """L_SDL of one micro-batch on the rows that have a teacher (episode index in logp_teacher): the paper's
+    sampled-token k3 estimator on the (b, T) grid, or the exact full-vocabulary reverse KL at the same positions.
+    Returns (loss, metrics, number of distilled tokens)."""
+    sel = b["mask"] > 0  # (b, T)
+    dmask = torch.stack([b["mask"][r] * (i in logp_teacher) for r, i in enumerate(rows)])  # (b, T)
+    if args.sdl_estimator == "k3":
+        lt = torch.zeros(sel.shape, device=logp.device)  # (b, T) logp_teacher on the grid
+        for r, i in enumerate(rows):
+            if i in logp_teacher:
+                lt[r, sel[r]] = logp_teacher[i].to(logp.device)
+        loss, metrics = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
+    else:
+        hs_t = torch.cat([hs_teacher[i].to(hs.device) if i in hs_teacher else hs.new_zeros(n, hs.shape[1])
+                          for i, n in zip(rows, sel.sum(1).tolist())])  # (n, C)
+        loss, metrics = losses.sdl_full_loss(hs, model.head_weight.float(), hs_t,
+                                             (teacher or model).head_weight.detach().float(), dmask[sel],
+                                             num_tokens=num_tokens, chunk_size=args.chunk_size)
+    n_distill = dmask.sum().item()
+    return loss, (metrics if n_distill else {}), n_distill
+
+
+def optimizer_step(model, opt, world, args):
+    """One gradient all-reduce, clip, step; a non-finite norm skips the step on every rank alike."""
+    allreduce_grads(model, world, args.fsdp)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
+    skipped = not math.isfinite(gnorm.item())
+    if skipped:
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+    return gnorm.item(), skipped
 
 
 def pearson(x, y):
@@ -415,8 +476,19 @@ def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, sums, use_grpo, us
             "summarizer": total}
 
 
-def log_episodes(args, step, eps, student_eps, picked):
-    """A few episodes per step, decoded AND as token ids / mask / sampler log-probs, so anyone can re-score them."""
+def peak_memory_gb(device):
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return peak / 2**30
+
+
+def write_logs(args, m, step, eps, student_eps, picked, bank, run):
+    """Rank 0: the step's metrics line, the tracker, the bank, and a few episodes, decoded AND as token ids / mask
+    / sampler log-probs, so anyone can re-score them."""
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(m) + "\n")
+    track(run, m, args.out)
+    bank.save(os.path.join(args.out, "skills.json"))
     G = args.group_size
     with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
         for i, e in enumerate(eps[:args.log_episodes]):
@@ -678,9 +750,6 @@ def run_eval(model, tok, args, rank, world, device, step):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_dist(args)
-    if args.prompts_per_step % world:
-        sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) must be divisible by the number of "
-                 f"processes ({world}): a task group never spans ranks")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -700,14 +769,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.train()
     pad_id = tok.pad_token_id
-    # The teacher: the student itself (dynamic, K = 1: the pre-update weights of this step), a copy refreshed
-    # every K steps, or the initial weights (frozen).
-    teacher = None
-    if use_sdl and (args.teacher == "frozen" or args.teacher_sync_every > 1):
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    if args.fsdp:
-        model, teacher = shard(model), teacher and shard(teacher)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    model, teacher, opt = build(model, use_sdl, args)
     bank = skills.SkillBank(c=args.ucb_c, seed=args.seed)
     summarizer = make_summarizer(args, model, tok, device)
 
@@ -719,14 +781,10 @@ def main(argv=None):
     if args.resume:
         start, bank, state = load_checkpoint(args.out, model, opt, teacher, device, rank, world)
         saved = state["summarizer"]  # every rank's counters (each rank summarises its own groups)
-        if len(saved) == world:
-            summarizer.stats.update(saved[rank])
-        elif rank == 0:  # resumed on another number of ranks: rank 0 carries the totals
-            summarizer.stats.update({k: sum(d.get(k, 0) for d in saved) for k in saved[0] if isinstance(saved[0][k], int)})
+        summarizer.stats.update(saved[rank] if len(saved) == world else {})  # another world size: counts restart
     run = start_tracker(args, rank)
     if rank == 0:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
         print(f"{args.method} | model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params)"
               f" | {args.env} | {world} process(es) on {device} | out {args.out}", flush=True)
 
@@ -752,13 +810,8 @@ def main(argv=None):
             # 2. rollouts of all this rank's groups in one batch: the student under the plain prompt, except the
             #    off-policy ablation (the teacher plays) and skill-augmented GRPO (the student sees the skill)
             player = (teacher or model) if args.rollout_owner == "teacher" else model
-            player_prompts = skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None
-            model.eval()
-            with torch.no_grad(), autocast(device):
-                eps = rollout.rollout(player, tok, make_env, seeds, G, args.max_turns, args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p,
-                                      generator=episode_rngs(args.seed, step, groups, G),
-                                      max_len=args.max_len, system_prompts=player_prompts)
+            eps = play(player, tok, make_env, seeds, episode_rngs(args.seed, step, groups, G), args,
+                       skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None)
             model.train()
             t_roll = time.time() - t0
             # The student always learns on the plain prompt, except in skill-augmented GRPO.
@@ -788,10 +841,7 @@ def main(argv=None):
             model.train()
 
         # 6. loss over micro-batches, normalised by the global number of sampled tokens N
-        num_tokens = torch.tensor(float(sum(sum(e.mask) for e in student_eps)), device=device)
-        if world > 1:
-            dist.all_reduce(num_tokens)
-        num_tokens = num_tokens.item()
+        num_tokens = sum(all_gather_objects(sum(sum(e.mask) for e in student_eps), world))
         opt.zero_grad(set_to_none=True)
         sums = {}  # this rank's token-weighted metric sums (and maxima), see add_metrics
         logp_student = {}  # episode -> (n_i,) its sampled tokens' log-probs under the student (detached)
@@ -810,39 +860,18 @@ def main(argv=None):
                 add_metrics(sums, mg, sel.sum().item())
                 add_metrics(sums, {"loss_grpo": loss_grpo.item()}, 1)
             if use_sdl:  # also with no distilled row here: the loss stays connected to the graph
-                dmask = torch.stack([b["mask"][r] * (i in logp_teacher) for r, i in enumerate(rows)])  # (b, T)
-                if args.sdl_estimator == "k3":
-                    lt = torch.zeros(sel.shape, device=device)  # (b, T) logp_teacher on the grid
-                    for r, i in enumerate(rows):
-                        if i in logp_teacher:
-                            lt[r, sel[r]] = logp_teacher[i].to(device)
-                    loss_sdl, ms = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
-                else:  # the exact reverse KL over the vocabulary at every sampled position
-                    C = hs.shape[1]
-                    hs_t = torch.cat([hs_teacher[i].to(device) if i in hs_teacher else hs.new_zeros(n, C)
-                                      for i, n in zip(rows, sel.sum(1).tolist())])  # (n, C)
-                    loss_sdl, ms = losses.sdl_full_loss(hs, model.head_weight.float(), hs_t,
-                                                        (teacher or model).head_weight.detach().float(),
-                                                        dmask[sel], num_tokens=num_tokens, chunk_size=args.chunk_size)
+                loss_sdl, ms, n_distill = sdl_term(logp, hs, b, rows, logp_teacher, hs_teacher, model, teacher,
+                                                   num_tokens, args)
                 loss = loss + args.lam * loss_sdl
-                n_distill = dmask.sum().item()
-                if n_distill:
-                    add_metrics(sums, ms, n_distill)
+                add_metrics(sums, ms, n_distill)
                 add_metrics(sums, {"loss_sdl": loss_sdl.item(), "n_distill": n_distill}, 1)
             with torch.no_grad():  # before backward: under FSDP the head is resharded after it
                 ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)
                 add_metrics(sums, {"entropy_sum": ent.sum().item()}, 1)
             loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 
-        # 7. one gradient all-reduce, clip, step (a non-finite norm skips the step on every rank alike)
-        allreduce_grads(model, world, args.fsdp)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
-        skipped = not math.isfinite(gnorm.item())
-        if skipped:
-            opt.zero_grad(set_to_none=True)
-        else:
-            opt.step()
+        # 7. one gradient all-reduce, clip, step
+        gnorm, skipped = optimizer_step(model, opt, world, args)
 
         # 8. teacher sync
         if teacher is not None and args.teacher == "dynamic" and (step + 1) % args.teacher_sync_every == 0:
@@ -861,20 +890,14 @@ def main(argv=None):
         m = step_metrics(step, eps, rewards, frac_zero_var, adv.tolist(), gap, sums, use_grpo, use_sdl, summarizer, bank,
                          new_skills, world)
         dt = time.time() - t0
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        m.update({"grad_norm": gnorm.item(), "skipped": skipped, "lr": args.lr, "tasks_eligible": n_elig,
-                  "step_time": dt, "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak / 2**30})
+        m.update({"grad_norm": gnorm, "skipped": skipped, "lr": args.lr, "tasks_eligible": n_elig, "step_time": dt,
+                  "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)})
         last = step + 1 == args.steps
         if args.eval_n > 0 and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
             ev = run_eval(model, tok, args, rank, world, device, step + 1)
             m.update({"eval_acc": ev["acc"], "eval_comp": ev["comp"], "eval_invalid": ev.get("invalid_rate")})
         if rank == 0:
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(m) + "\n")
-            log_episodes(args, step, eps, student_eps, picked)
-            bank.save(os.path.join(args.out, "skills.json"))
-            track(run, m, args.out)
+            write_logs(args, m, step, eps, student_eps, picked, bank, run)
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             extra = {"summarizer": all_gather_objects(dict(summarizer.stats), world)}  # load_checkpoint returns it
@@ -883,19 +906,24 @@ def main(argv=None):
             dist.barrier()
 
     summarizer.close(timeout=3.0)  # requests still in flight are abandoned (and counted), never waited out
+    finish(args, rank, world, start, summarizer, run)
+    return model
+
+
+def finish(args, rank, world, start, summarizer, run):
+    """End of run: what was abandoned, the evaluation table, the curves, the tracker, the process group."""
     if rank == 0 and summarizer.stats.get("abandoned"):
         print(f"summariser: {summarizer.stats['abandoned']} group(s) still in flight abandoned at exit", flush=True)
     if rank == 0 and args.eval_n > 0 and os.path.exists(os.path.join(args.out, "eval.md")):
         print(open(os.path.join(args.out, "eval.md")).read())
     if rank == 0 and args.steps > start:
-        try:  # the learning curves, when the optional matplotlib is installed
+        try:  # the learning curves (a plotting failure must not fail a finished run)
             print("curves:", plot(os.path.join(args.out, "metrics.jsonl")))
         except SystemExit as e:
             print(f"no plot: {e}")
     finish_tracker(run, args.out)
     if world > 1:
         dist.destroy_process_group()
-    return model
 
 
 if __name__ == "__main__":

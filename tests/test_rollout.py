@@ -381,6 +381,10 @@ def test_shared_prefix_equals_plain_forward(eos_tiny, micro_batch):
     for k in plain:
         assert plain[k].shape == shared[k].shape and close(shared[k], plain[k]), k
     assert all(close(g_shared[n], g_plain[n]) for n in g_plain) and len(g_plain) == len(list(model.parameters()))
+    if micro_batch == 3:  # runs are deterministic: the shared path's gradients are bitwise the same twice
+        again = grpo_sdl_step(model, eps, teacher, adv, micro_batch, shared=True)[1]
+        model.zero_grad(set_to_none=True)
+        assert all(torch.equal(again[n], g_shared[n]) for n in g_shared)
 
 
 FSDP_SCRIPT = """
