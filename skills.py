@@ -283,17 +283,22 @@ def _general_of(skill):
     return [scrub(skill.success_analysis), scrub(skill.mistake_analysis), ""]
 
 
-def summary_prompt(group, max_chars=6000):
-    """The user message asking a model to summarise one task group (its attempts and rewards) into the skill JSON."""
+def summary_prompt(group, max_chars=6000, example=True):
+    """The user message asking a model to summarise one task group (its attempts and rewards) into the skill JSON.
+    Only the first line of an intermediate observation is shown (on Sokoban "Invalid answer..." or the turn
+    counter; its map costs ~100 tokens a turn), the last one in full. example=False leaves out the literal
+    format line: a 135M model echoes its "..." placeholders when a schema already fixes the form."""
     task = str(group[0].get("task", ""))[:2000]
     per = max(400, (max_chars - len(task)) // len(group))  # characters per attempt
     blocks = []
     for k, ep in enumerate(group):
         lines = [f"## Attempt {k + 1}: {'succeeded' if ep.get('success') else 'failed'}, "
                  f"reward {float(ep.get('reward', 0.0)):g}"]
-        for i, t in enumerate(ep.get("turns") or []):
-            lines += [f"Turn {i + 1} agent: {str(t.get('response', ''))[:400]}",
-                      f"Turn {i + 1} environment: {str(t.get('observation', ''))[:400]}"]
+        turns = ep.get("turns") or []
+        for i, t in enumerate(turns):
+            obs = str(t.get("observation", ""))
+            lines += [f"Turn {i + 1} agent: {str(t.get('response', ''))[:300]}",
+                      f"Turn {i + 1} environment: {obs[:400] if i == len(turns) - 1 else obs.split(chr(10))[0][:150]}"]
         if isinstance(ep.get("facts"), dict):  # measured facts keep a small summariser honest
             lines.append("Facts measured by the environment: " + json.dumps(ep["facts"])[:800])
         text = "\n".join(lines)
@@ -303,8 +308,8 @@ def summary_prompt(group, max_chars=6000):
             'skill for a future attempt at this task. Reply with only a JSON object with exactly three string fields: '
             '"success_analysis" (what the better attempts did right), "mistake_analysis" (what went wrong in the '
             'worse attempts and why), "golden_workflow" (the step-by-step procedure to follow next time). Keep each '
-            'field under 120 words. Format:\n'
-            '{"success_analysis": "...", "mistake_analysis": "...", "golden_workflow": "..."}')
+            'field under 120 words.' + (' Format:\n{"success_analysis": "...", "mistake_analysis": "...", '
+                                        '"golden_workflow": "..."}' if example else ""))
 
 
 def _count(stats, k, n=1):
@@ -315,7 +320,9 @@ SCHEMA = {"type": "object", "properties": {f: {"type": "string"} for f in FIELDS
           "additionalProperties": False}
 FORMATS = {  # structured-output modes, most specific first: request's response_format (None: plain text)
     "json_schema": {"type": "json_schema", "json_schema": {"name": "skill", "strict": True, "schema": SCHEMA}},
-    "json_object": {"type": "json_object", "schema": SCHEMA},  # llama.cpp's form; OpenAI ignores the schema
+    # llama.cpp's form (OpenAI ignores the schema); maxLength bounds a runaway string (strict json_schema rejects it)
+    "json_object": {"type": "json_object", "schema": {**SCHEMA, "properties": {
+        f: {"type": "string", "maxLength": 800} for f in FIELDS}}},
     "text": None}
 
 
@@ -359,16 +366,17 @@ def _chat(url, model, prompt, stats, fmt, timeout, retries, backoff, max_tokens)
 
 
 def _ask(url, model, prompt, stats, negotiated, structured, **opts):
-    """One request in the best output mode the server accepts -> (text or None, mode). negotiated[url] =
+    """One request in the best output mode the server accepts -> (text or None, mode); prompt(plain_text) builds
+    the message (with the literal format example only in plain-text mode). negotiated[url] =
     (mode, confirmed) is shared by a summariser's threads: until an answer confirms a mode, requests go one at
     a time under negotiated["lock"], so a server is refused at most once per mode per run."""
     if not structured:
-        return _chat(url, model, prompt, stats, None, **opts)[0], "text"
+        return _chat(url, model, prompt(True), stats, None, **opts)[0], "text"
     modes, lock = list(FORMATS), negotiated.setdefault("lock", threading.Lock())
     while True:
         with contextlib.nullcontext() if negotiated.get(url, ("", False))[1] else lock:
             mode = negotiated.get(url, (modes[0], False))[0]
-            text, refused = _chat(url, model, prompt, stats, FORMATS[mode], **opts)
+            text, refused = _chat(url, model, prompt(mode == "text"), stats, FORMATS[mode], **opts)
             if not refused:
                 if text is not None:
                     negotiated[url] = (mode, True)
@@ -436,8 +444,8 @@ def summarize(groups, backend="rule", step=0, complete=None, model=None, stats=N
             base = backend[7:].rstrip("/")
             url = base if base.endswith("/chat/completions") else base + "/chat/completions"
             name, negotiated = model or os.environ["SKILL_SD_SUMMARIZER_MODEL"], {} if negotiated is None else negotiated
-            asked = [_ask(url, name, summary_prompt(g), stats, negotiated, structured, timeout=timeout,
-                          retries=retries, backoff=backoff, max_tokens=max_tokens) for g in groups]
+            asked = [_ask(url, name, lambda text, g=g: summary_prompt(g, example=text), stats, negotiated, structured,
+                          timeout=timeout, retries=retries, backoff=backoff, max_tokens=max_tokens) for g in groups]
             texts, modes = [a[0] for a in asked], [a[1] for a in asked]
             if modes:
                 stats["format"] = modes[-1]

@@ -283,6 +283,11 @@ def test_summary_prompt_shows_the_group_with_rewards():
     assert '"dead_corner_pushes": [2]' in p and "golden_workflow" in p
     long = [episode(SOLVED, turns=[{"response": "x" * 400, "observation": "y" * 400}] * 40)] * 4
     assert len(skills.summary_prompt(long)) < 8000  # bounded, whatever the episode length
+    two = [episode(None, turns=[{"response": "a", "observation": "Turn 1 of 2.\nMAP1"},
+                                {"response": "b", "observation": "Out of turns.\nMAP2"}])]
+    q = skills.summary_prompt(two, example=False)
+    assert "Turn 1 of 2." in q and "MAP1" not in q and "MAP2" in q  # intermediate maps cost tokens: first line only
+    assert '"..."' not in q and '"..."' in skills.summary_prompt(two)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,8 +423,10 @@ def test_openai_structured_output_negotiated_once(stub, kind, accepted, refusals
     sent = [(b.get("response_format") or {}).get("type") for _, _, b in bodies]
     assert sent[:refusals] == ["json_schema", "json_object"][:refusals] and len(sent) == 9 + refusals
     assert set(sent[refusals:]) == {None if accepted == "text" else accepted}
+    prompts = [b["messages"][0]["content"] for _, _, b in bodies]  # the literal "..." example in plain text only
+    assert all(('"..."' in p) == (t is None) for p, t in zip(prompts, sent))
     if accepted == "json_object":  # llama.cpp's form carries the schema
-        assert bodies[-1][2]["response_format"]["schema"] == skills.SCHEMA
+        assert bodies[-1][2]["response_format"]["schema"]["required"] == list(skills.FIELDS)
 
 
 def test_openai_structured_output_off(stub):
