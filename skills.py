@@ -122,7 +122,8 @@ def _to_skill(obj):
 def parse_skill(text):
     """The first JSON object in `text` (prose, code fences) holding the three fields -> Skill, else None.
 
-    Tolerates single quotes, trailing commas, extra keys and a golden_workflow given as a list of strings.
+    Tolerates single quotes, trailing commas, raw control characters (newlines) inside strings, extra keys and a
+    golden_workflow given as a list of strings.
     Rejects missing or non-string fields, an empty workflow and fields over MAX_FIELD_CHARS. Never raises.
     """
     try:
@@ -136,7 +137,7 @@ def parse_skill(text):
             chunk = text[start:end]
             for cand in (chunk, _repair(chunk)):
                 try:
-                    skill = _to_skill(json.loads(cand))
+                    skill = _to_skill(json.loads(cand, strict=False))  # raw newlines in strings: llama.cpp's grammar
                 except ValueError:
                     continue
                 if skill is not None:

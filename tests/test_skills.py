@@ -48,6 +48,7 @@ def test_standard_library_only():
     "Sure! Here is the skill:\n```json\n" + json.dumps(VALID, indent=2) + "\n```\nHope this helps {really}.",
     "Some {braces} first, then " + json.dumps(VALID) + " and trailing prose.",
     "```\n" + json.dumps({**VALID, "confidence": 0.9, "notes": {"x": [1, 2]}}) + "\n```",
+
     "{'success_analysis': 'Pushed the box right onto the target.', 'mistake_analysis': 'Walked into the wall "
     "twice.', 'golden_workflow': '1. Step left of the box. 2. Push Right twice.',}",
     '{"success_analysis": "Pushed the box right onto the target.", "mistake_analysis": "Walked into the wall '
@@ -59,6 +60,15 @@ def test_parse_recovers_valid(text):
     assert s.success_analysis == VALID["success_analysis"] and s.mistake_analysis == VALID["mistake_analysis"]
     # the list form is joined by newlines: compare on whitespace-normalised text
     assert " ".join(s.golden_workflow.split()) == VALID["golden_workflow"]
+
+
+def test_parse_raw_control_characters_in_strings():
+    """llama.cpp's JSON grammar lets a model put raw newlines inside strings: json.loads(strict=True) rejects them."""
+    text = json.dumps(VALID).replace("Walked into", "Walked\tinto").replace("1. Step", "1.\nStep")
+    with pytest.raises(ValueError):
+        json.loads(text)
+    s = parse_skill(text)
+    assert s.mistake_analysis == "Walked\tinto the wall twice." and s.golden_workflow.startswith("1.\nStep left")
 
 
 def test_parse_escapes_and_unicode():

