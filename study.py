@@ -11,7 +11,9 @@ from a run's args.json). At the end `eval.compare` writes OUT/compare.md and OUT
 
 Layout of --out: study.json (the frozen configuration: the config file's flags and the flags after --),
 base/ (eval.json, eval_train.json, run.json), NAME/seed-S/ (a train.py --out folder plus eval_train.json, run.json:
-name, flags, wall time of every attempt, done; train.log and eval.log: the subprocesses' output).
+name, flags, wall time of every attempt, done; train.log and eval.log: the subprocesses' output), and warm-model/
+when the config holds "warmup": {warmup.py flags}: a format warm-up run once, the model every run and the base row
+start from (its --model, --env and --max-turns are the config's).
 
 Rerunning the same command is safe: a finished run (run.json says done) is skipped, an unfinished one resumes from
 its latest checkpoint (--save-every bounds the loss) or restarts clean when it has none, and the comparison is
@@ -134,7 +136,13 @@ def main(argv=None):
             cfg = json.load(open(a.config))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read --config {a.config}: {e}")
-        flags = config_flags(cfg)
+        warm = cfg.get("warmup")  # warmup.py flags: every run (and the base row) starts from its model
+        if warm is not None and not isinstance(warm, dict):
+            raise ValueError("the config's warmup must be a JSON object of warmup.py flags, like {\"steps\": 12}")
+        flags = config_flags({k: v for k, v in cfg.items() if k != "warmup" and (k != "model" or warm is None)})
+        if warm is not None:
+            warm_flags = config_flags({**warm, "model": cfg.get("model"), "env": cfg.get("env"),
+                                       "max_turns": cfg.get("max_turns", cfg.get("max-turns"))})
         if [f for f in extra if f.lstrip("-").split("=")[0].replace("-", "_") in RESERVED]:
             raise ValueError(f"flags after -- must not set {', '.join(RESERVED)}: the study sets them")
         if cfg.get("eval_n", cfg.get("eval-n", 1)) < 1:
@@ -144,11 +152,17 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     out = os.path.abspath(a.out)
     frozen = {"config": cfg, "train_flags": extra}
+    if warm is not None:
+        warm_dir = os.path.join(out, "warm-model")
+        warm_cmd = [sys.executable, "warmup.py", *warm_flags, "--out", warm_dir]
+        flags += ["--model", warm_dir]
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
                                  if a.nproc > 1 else []) + ["train.py"]
     runs = [(name, s, os.path.join(out, name, f"seed-{s}"), flags + extra + vflags + ["--seed", str(s)])
             for name, vflags in methods.items() for s in a.seeds]
     if a.dry_run:
+        if warm is not None:
+            print(shlex.join(warm_cmd))
         for _, _, d, fl in runs:
             print(shlex.join(launch + fl + ["--out", d, "--save-every", str(a.save_every)]))
         return 0
@@ -165,6 +179,15 @@ def main(argv=None):
         write_json(os.path.join(out, "study.json"), frozen)
 
     failed, t_study = [], time.time()
+    if warm is not None:  # the format warm-up, once: the base model of every row
+        info = read_json(os.path.join(warm_dir, "run.json")) or {"name": "format warm-up"}
+        if not info.get("done"):
+            print(f"format warm-up -> {warm_dir}", flush=True)
+            os.makedirs(warm_dir, exist_ok=True)
+            info["done"] = attempt(warm_cmd, os.path.join(out, "warmup.log"), info, "attempts") == 0
+            write_json(os.path.join(warm_dir, "run.json"), info)
+            if not info["done"]:
+                sys.exit(f"error: warmup.py failed; see {out}/warmup.log")
     for i, (name, s, d, fl) in enumerate(runs, 1):
         tag = f"[{i}/{len(runs)}] {name} seed {s}"
         info = read_json(os.path.join(d, "run.json")) or {"name": name, "seed": s, "flags": fl}

@@ -15,6 +15,7 @@ import pytest
 import envs
 import study as S
 import train
+import warmup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"_comment": "ignored", "model": "tiny", "device": "cpu", "env": "sokoban-paper", "steps": 3, "eval_every": 1,
@@ -58,6 +59,23 @@ def test_dry_run_commands_parse_as_train_flags(tmp_path, capsys):
     last = train.parse_args(cmds[-1][cmds[-1].index("train.py") + 1:])
     assert (last.method, last.rollout_owner, last.seed, last.save_every) == ("skill-sd", "teacher", 1, 10)
     assert last.out == str(tmp_path / "s" / "skill-sd-offpolicy" / "seed-1")
+
+
+def test_a_warmup_config_starts_every_run_from_the_warm_model(tmp_path, capsys):
+    cfg = config(tmp_path, {**TINY, "warmup": {"steps": 2, "lr": 1e-3}})
+    out = tmp_path / "s"
+    assert S.main(["--config", cfg, "--methods", "grpo", "opd", "--out", str(out), "--dry-run"]) == 0
+    cmds = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert len(cmds) == 3 and cmds[0][1] == "warmup.py"
+    flags = cmds[0][2:]
+    assert flags[flags.index("--model") + 1] == "tiny" and flags[flags.index("--env") + 1] == "sokoban-paper"
+    assert flags[flags.index("--max-turns") + 1] == "1" and flags[flags.index("--steps") + 1] == "2"
+    assert flags[flags.index("--out") + 1] == str(out / "warm-model")
+    warmup.main(flags)  # the command is warmup.py's own: it runs and writes the model the runs will load
+    assert (out / "warm-model" / "config.json").exists()
+    for cmd in cmds[1:]:
+        args = train.parse_args(cmd[cmd.index("train.py") + 1:])
+        assert args.model == str(out / "warm-model") and cmd.count("--model") == 1
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -1,0 +1,90 @@
+"""A format-only warm-up: teach a small model the answer format with random moves, never solutions.
+
+    python warmup.py --out runs/warm-format            # then: train.py / eval.py / study.py --model runs/warm-format
+
+At 135M, SmolLM2 rarely answers in the format at all (about 3 of 4 turns are invalid), so every episode fails
+and GRPO groups have no spread to learn from. This script fine-tunes on conversations played with RANDOM moves
+(1 to max moves per turn, uniform over Up/Down/Left/Right) on levels outside the train and eval sets, with the
+loss on the model's turns only. It teaches where and how to answer, not what to answer: a solution never appears
+(a random turn that happens to solve a level is not preferred over any other). The result is the base model of
+every row of a study that uses it, the base row included.
+
+Deliberate simplifications: conversations are rendered with the chat template and tokenized per segment (the
+prompt, each answer, each observation), as rollout.py builds episodes; right padding, plain causal forward;
+AdamW, constant learning rate.
+"""
+import argparse
+import random
+import sys
+
+import torch
+
+import envs
+import losses
+import model as M
+from rollout import _encode, _render
+
+
+def conversation(tok, env, seed, turns, rng):
+    """One game played with random moves -> (ids, loss mask): 1 on each answer's tokens and its eos."""
+    obs = env.reset(seed)
+    msgs = [{"role": "system", "content": env.task_prompt()}, {"role": "user", "content": obs}]
+    ids = _encode(tok, _render(tok, msgs, True))
+    mask = [0] * len(ids)
+    for _ in range(turns):
+        moves = [rng.choice(envs.ACTION_NAMES) for _ in range(rng.randint(1, env.max_actions_per_turn))]
+        answer = "<action>" + " || ".join(moves) + "</action>"
+        a = _encode(tok, answer) + [tok.eos_token_id]
+        ids, mask = ids + a, mask + [1] * len(a)
+        obs, _, done, _ = env.step(answer)
+        if done:
+            break
+        msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": obs}]
+        closed, nxt = _render(tok, msgs[:-1], False), _render(tok, msgs, True)  # the text between two answers
+        between = _encode(tok, closed[closed.rindex(tok.eos_token) + len(tok.eos_token):] + nxt[len(closed):])
+        ids, mask = ids + between, mask + [0] * len(between)
+    return ids, mask
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model to warm up (as train.py --model)")
+    p.add_argument("--env", default="sokoban", help="environment whose prompt and answer format are taught")
+    p.add_argument("--max-turns", type=int, default=3, help="turns per episode, as the runs that will use it")
+    p.add_argument("--turns", type=int, default=2, help="random turns per training conversation")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=4, help="conversations per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the levels and the random moves")
+    p.add_argument("--out", required=True, help="output folder (HF format; pass it to --model)")
+    a = p.parse_args(argv)
+    if min(a.max_turns, a.turns, a.steps, a.batch) < 1 or a.lr <= 0:
+        sys.exit("error: --max-turns, --turns, --steps, --batch must be >= 1 and --lr > 0")
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    try:
+        model, tok = M.load(a.model)
+        env = envs.make_env(a.env, max_turns=a.max_turns)
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    model.train()
+    for step in range(a.steps):
+        # levels 3_000_000 + i: disjoint from the train (0..) and eval (1_000_000..) seed ranges
+        batch = [conversation(tok, env, 3_000_000 + step * a.batch + i, a.turns, rng) for i in range(a.batch)]
+        T = max(len(ids) for ids, _ in batch)
+        idx = torch.tensor([ids + [tok.pad_token_id] * (T - len(ids)) for ids, _ in batch])  # (B, T) right padding
+        mask = torch.tensor([m + [0] * (T - len(m)) for _, m in batch], dtype=torch.bool)  # (B, T)
+        h = model(idx[:, :-1], return_hidden=True)  # (B, T-1, C): position t predicts token t+1
+        sel = mask[:, 1:]
+        loss = -losses.token_logprobs(h[sel], model.head_weight, idx[:, 1:][sel]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        print(f"step {step + 1}/{a.steps}: loss {loss.item():.3f} over {int(sel.sum())} answer tokens", flush=True)
+    M.save(model, tok, a.out)
+    print(f"saved {a.out}")
+
+
+if __name__ == "__main__":
+    main()
