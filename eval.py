@@ -29,6 +29,18 @@ import model as M
 import rollout as R
 
 
+def env_overrides(args, split="train"):
+    """make_env overrides from train.py's or eval.py's flags: the turn budget, Sokoban's parsing mode and reward,
+    AppWorld's split (evaluation on `dev`)."""
+    kw = {"max_turns": args.max_turns}
+    if args.env.startswith("sokoban"):
+        kw["parse"] = args.parse
+        kw["reward"] = args.reward
+    if args.env == "appworld":
+        kw["split"] = "dev" if split == "eval" else "train"
+    return kw
+
+
 def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temperature=0.0, batch_size=16,
              seed=0, progress=False):
     """Play each seed once (plain prompt). env_kwargs go to envs.make_env (max_turns, parse, ...).
@@ -264,10 +276,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.eval()
     for split in dict.fromkeys(args.split):
-        kw = {"max_turns": args.max_turns, **({"parse": args.parse, "reward": args.reward} if args.env.startswith("sokoban") else {}),
-              **({"split": "dev" if split == "eval" else "train"} if args.env == "appworld" else {})}
         with torch.no_grad(), M.autocast(args.device):
-            results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, kw,
+            results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, env_overrides(args, split),
                                temperature=args.temperature, batch_size=args.batch_size, progress=True)
         summary = summarize(results)
         name = f"{args.model} ({args.parse} parsing{', training levels' if split == 'train' else ''})"
