@@ -146,8 +146,8 @@ def plot(metrics_path, out_png=None):
     if not keys:
         raise SystemExit(f"{metrics_path} has none of the plotted metrics: {[k for k, _ in PLOT_KEYS]}")
     cols = min(4, len(keys))
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(keys) + cols - 1) // cols)),
-                             squeeze=False)
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
     for ax, (k, title) in zip(axes.flat, keys):
         pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
