@@ -517,9 +517,7 @@ def check_max_len(args, tok, env, seed):
     a skill-conditioned prompt is longer still."""
     if args.max_len is None:
         return
-    messages = [{"role": "system", "content": env.task_prompt()}, {"role": "user", "content": env.reset(seed)}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt = len(tok(text, add_special_tokens=False)["input_ids"])
+    prompt = len(rollout.prompt_ids(tok, env.task_prompt(), env.reset(seed)))
     if args.max_len < prompt + args.max_new_tokens:
         raise ValueError(f"--max-len {args.max_len} is too small: the prompt takes {prompt} tokens and a turn "
                          f"{args.max_new_tokens} (--max-new-tokens), so use at least {prompt + args.max_new_tokens}")
