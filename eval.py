@@ -56,8 +56,7 @@ def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temp
     for chunk in chunks:
         eps = R.rollout(model, tokenizer, make_env, list(chunk), group_size=1, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
-        for ep in eps:
-            results.append(episode_result(ep, make_env, sokoban=env_name.startswith("sokoban")))
+        results += [episode_result(ep, make_env, sokoban=env_name.startswith("sokoban")) for ep in eps]
     return results
 
 
