@@ -326,23 +326,17 @@ class Sokoban:
         if names is not None:
             ignored = max(0, len(names) - self.max_actions_per_turn)
             names = names[:self.max_actions_per_turn]
-            executed = []
             for name in names:
                 m, r = self._act(ACTION_NAMES.index(name))
-                executed.append(name), moved.append(m), rewards.append(r), states.append(self._snapshot())
+                moved.append(m), rewards.append(r), states.append(self._snapshot())
                 if self.success:
                     break  # solved: the rest of the turn is skipped
-            names = executed
+            names = names[:len(moved)]  # the moves made
             self.num_actions += len(names)
         invalid = names is None
         success, completion = self.success, self.completion
         self.done = success or self.turn >= self.max_turns
-        reward = 0.0
-        if self.reward == "shaped":
-            for r in rewards:
-                reward += r
-        elif self.done:
-            reward = completion
+        reward = sum(rewards, 0.0) if self.reward == "shaped" else (completion if self.done else 0.0)
         if invalid:
             reward += self.format_penalty
         self.history.append({

@@ -29,6 +29,18 @@ import model as M
 import rollout as R
 
 
+def env_overrides(args, split="train"):
+    """make_env overrides from train.py's or eval.py's flags: the turn budget, Sokoban's parsing mode and reward,
+    AppWorld's split (evaluation on `dev`)."""
+    kw = {"max_turns": args.max_turns}
+    if args.env.startswith("sokoban"):
+        kw["parse"] = args.parse
+        kw["reward"] = args.reward
+    if args.env == "appworld":
+        kw["split"] = "dev" if split == "eval" else "train"
+    return kw
+
+
 def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temperature=0.0, batch_size=16,
              seed=0, progress=False):
     """Play each seed once (plain prompt). env_kwargs go to envs.make_env (max_turns, parse, ...).
@@ -44,8 +56,7 @@ def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temp
     for chunk in chunks:
         eps = R.rollout(model, tokenizer, make_env, list(chunk), group_size=1, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
-        for ep in eps:
-            results.append(episode_result(ep, make_env, sokoban=env_name.startswith("sokoban")))
+        results += [episode_result(ep, make_env, sokoban=env_name.startswith("sokoban")) for ep in eps]
     return results
 
 
@@ -134,8 +145,8 @@ def plot(metrics_path, out_png=None):
     if not keys:
         raise SystemExit(f"{metrics_path} has none of the plotted metrics: {[k for k, _ in PLOT_KEYS]}")
     cols = min(4, len(keys))
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(keys) + cols - 1) // cols)),
-                             squeeze=False)
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
     for ax, (k, title) in zip(axes.flat, keys):
         pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
@@ -264,10 +275,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.eval()
     for split in dict.fromkeys(args.split):
-        kw = {"max_turns": args.max_turns, **({"parse": args.parse, "reward": args.reward} if args.env.startswith("sokoban") else {}),
-              **({"split": "dev" if split == "eval" else "train"} if args.env == "appworld" else {})}
         with torch.no_grad(), M.autocast(args.device):
-            results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, kw,
+            results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, env_overrides(args, split),
                                temperature=args.temperature, batch_size=args.batch_size, progress=True)
         summary = summarize(results)
         name = f"{args.model} ({args.parse} parsing{', training levels' if split == 'train' else ''})"

@@ -33,9 +33,7 @@ def masked_mean(x, mask, dim=None):
     """Mean of x over positions where mask != 0 (mask values act as weights); 0 where the mask is empty."""
     w = mask.to(x.dtype)
     x = torch.where(mask != 0, x, 0) * w  # where() first: inf/nan at padding must not leak (nan * 0 = nan)
-    if dim is None:
-        return x.sum() / w.sum().clamp(min=1e-12)
-    return x.sum(dim) / w.sum(dim).clamp(min=1e-12)
+    return x.sum(dim) / w.sum(dim).clamp(min=1e-12)  # dim=None: over all positions
 
 
 def group_advantages(rewards, eps=1e-6):

@@ -244,6 +244,12 @@ def _render(tokenizer, messages, gen):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
 
+def prompt_ids(tokenizer, system_prompt, observation):
+    """Token ids of an episode's prompt: [system_prompt, first observation] rendered by the chat template."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": observation}]
+    return _encode(tokenizer, _render(tokenizer, messages, True))
+
+
 def template_pieces(tokenizer):
     """The chat template's text around an observation: (after_eos, user_pre, user_post). A model turn that
     ended with eos is followed by after_eos + user_pre + obs + user_post (e.g. ChatML: "\\n",
@@ -292,9 +298,7 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
     if any(obs0[e] != obs0[e - e % G] for e in range(P * G)):
         raise RuntimeError("env.reset(seed) gave different observations for the same seed: groups need it")
     systems = system_prompts or [envs[p * G].task_prompt() for p in range(P)]
-    prompts = [_encode(tokenizer, _render(tokenizer, [{"role": "system", "content": systems[p]},
-                                                      {"role": "user", "content": obs0[p * G]}], True))
-               for p in range(P)]
+    prompts = [prompt_ids(tokenizer, systems[p], obs0[p * G]) for p in range(P)]
     eps = [Episode(list(prompts[e // G]), [0] * len(prompts[e // G]), [0.0] * len(prompts[e // G]),
                    len(prompts[e // G]), observations=[obs0[e]], task_id=seeds[e // G], group=e // G)
            for e in range(P * G)]
@@ -384,8 +388,7 @@ def reprompt(episode, tokenizer, system_prompt):
     prompt is kept byte for byte, mask / logprobs / spans shift with it. Teacher inputs and off-policy runs.
     The sampled tokens, their count and their order are the student's: the trainer relies on this to split a
     batch of teacher log-probs into rows by the student's per-row sampled-token counts."""
-    prompt = _encode(tokenizer, _render(tokenizer, [{"role": "system", "content": system_prompt},
-                                                    {"role": "user", "content": episode.observations[0]}], True))
+    prompt = prompt_ids(tokenizer, system_prompt, episode.observations[0])
     shift, k = len(prompt) - episode.prompt_len, episode.prompt_len
     return replace(episode, tokens=prompt + episode.tokens[k:], mask=[0] * len(prompt) + episode.mask[k:],
                    logprobs=[0.0] * len(prompt) + episode.logprobs[k:], prompt_len=len(prompt),

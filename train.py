@@ -46,7 +46,7 @@ import envs
 import losses
 import rollout
 import skills
-from eval import evaluate, plot, summarize, write_report
+from eval import env_overrides, evaluate, plot, summarize, write_report
 from model import Transformer, autocast, load as load_model, save as save_model
 
 METHODS = {  # method -> (GRPO term, SDL term, student prompt carries the skill)
@@ -177,12 +177,12 @@ def parse_args(argv=None):
     grpo, sdl, _ = METHODS[args.method]
     if args.lam is None:
         args.lam = 0.001 if grpo else 1.0
-    if not sdl and args.rollout_owner == "teacher":
-        p.error("--rollout-owner teacher needs a teacher: use --method skill-sd or opd")
-    if not sdl and (args.teacher != "dynamic" or args.teacher_sync_every != 1):
-        p.error(f"--teacher / --teacher-sync-every only apply to methods with a teacher (skill-sd, opd), "
-                f"not --method {args.method}")
-    checks = [(args.summarizer_wait >= 0 and args.summarizer_workers >= 1,
+    checks = [(sdl or args.rollout_owner != "teacher",
+               "--rollout-owner teacher needs a teacher: use --method skill-sd or opd"),
+              (sdl or (args.teacher == "dynamic" and args.teacher_sync_every == 1),
+               f"--teacher / --teacher-sync-every only apply to methods with a teacher (skill-sd, opd), "
+               f"not --method {args.method}"),
+              (args.summarizer_wait >= 0 and args.summarizer_workers >= 1,
                "--summarizer-wait must be >= 0 and --summarizer-workers >= 1"),
               (args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
               (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
@@ -194,14 +194,13 @@ def parse_args(argv=None):
               (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature >= 0 and 0 < --top-p <= 1"),
               (0 <= args.eps_low < 1 and args.eps_high >= 0, "0 <= --eps-low < 1 and --eps-high >= 0"),
-              (args.max_turns >= 1 and args.max_new_tokens >= 1, "--max-turns and --max-new-tokens must be >= 1")]
+              (args.max_turns >= 1 and args.max_new_tokens >= 1, "--max-turns and --max-new-tokens must be >= 1"),
+              (not args.wandb or importlib.util.find_spec("wandb") is not None,
+               "--wandb needs the wandb package: pip install wandb"),
+              (args.wandb or not args.wandb_name, "--wandb-name needs --wandb PROJECT")]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
-    if args.wandb and importlib.util.find_spec("wandb") is None:
-        p.error("--wandb needs the wandb package: pip install wandb")
-    if args.wandb_name and not args.wandb:
-        p.error("--wandb-name needs --wandb PROJECT")
     try:
         skills.check_backend(args.summarizer, complete=(lambda x: x), model=args.summarizer_model)
     except ValueError as e:
@@ -250,17 +249,6 @@ def allreduce_grads(model, world, fsdp):
             q.grad = torch.empty_like(q)
         q.grad.copy_(flat[i:i + q.numel()].view_as(q))
         i += q.numel()
-
-
-def env_kwargs(args, split="train"):
-    """make_env overrides: the turn budget, Sokoban's parsing mode, AppWorld's split (evaluation on `dev`)."""
-    kw = {"max_turns": args.max_turns}
-    if args.env.startswith("sokoban"):
-        kw["parse"] = args.parse
-        kw["reward"] = args.reward
-    if args.env == "appworld":
-        kw["split"] = "dev" if split == "eval" else "train"
-    return kw
 
 
 def shard(model):
@@ -529,9 +517,7 @@ def check_max_len(args, tok, env, seed):
     a skill-conditioned prompt is longer still."""
     if args.max_len is None:
         return
-    messages = [{"role": "system", "content": env.task_prompt()}, {"role": "user", "content": env.reset(seed)}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt = len(tok(text, add_special_tokens=False)["input_ids"])
+    prompt = len(rollout.prompt_ids(tok, env.task_prompt(), env.reset(seed)))
     if args.max_len < prompt + args.max_new_tokens:
         raise ValueError(f"--max-len {args.max_len} is too small: the prompt takes {prompt} tokens and a turn "
                          f"{args.max_new_tokens} (--max-new-tokens), so use at least {prompt + args.max_new_tokens}")
@@ -547,11 +533,8 @@ def crash_point(step, where):
 
 
 def sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(out, step, model, tok, opt, bank, teacher, extra, args, rank):
@@ -735,7 +718,7 @@ def run_eval(model, tok, args, rank, world, device, step):
     seeds = envs.task_set("eval", args.eval_n, env=args.env)
     model.eval()
     with torch.no_grad(), autocast(device), full_weights(model):
-        mine = evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_kwargs(args, "eval"),
+        mine = evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_overrides(args, "eval"),
                           temperature=0.0, seed=args.seed, progress=False)
     model.train()
     results = sorted(sum(all_gather_objects(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
@@ -758,7 +741,7 @@ def main(argv=None):
 
     try:
         model, tok = load_model(args.model, device=device)
-        make_env = lambda: envs.make_env(args.env, **env_kwargs(args))  # noqa: E731
+        make_env = lambda: envs.make_env(args.env, **env_overrides(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
         train_seeds = envs.task_set("train", args.train_tasks, env=args.env)
         check_max_len(args, tok, make_env(), train_seeds[0])
