@@ -173,10 +173,28 @@ def load_run(run_dir):
     if args:  # a training run not made by study.py: name it by its method flags
         label = args["method"] + ("-frozen" if args.get("teacher") == "frozen" else "") + \
             ("-offpolicy" if args.get("rollout_owner") == "teacher" else "")
-    curve = [(m["step"], m["eval_acc"]) for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-             if m.get("eval_acc") is not None]
+    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    curve = [(m["step"], m["eval_acc"]) for m in metrics if m.get("eval_acc") is not None]
     return {"name": run.get("name") or (label if args else ev["model"]), "eval": ev["summary"],
-            "train": tr and tr["summary"], "curve": curve, "wall_s": run.get("wall_s"), "base": not args}
+            "train": tr and tr["summary"], "curve": curve, "wall_s": run.get("wall_s"), "base": not args,
+            "diag": {k: step_mean(metrics, k) for k in DIAGNOSTICS}}
+
+
+# training diagnostics compared per method: metrics.jsonl key (a.b = key b of dict a) -> column title
+DIAGNOSTICS = {"success": "rollout success", "frac_zero_var": "zero-variance groups", "entropy": "entropy",
+               "distill_frac": "distilled episodes", "gap": "gap", "teacher_adv_corr": "teacher-adv. corr",
+               "skills.hit_rate": "skill hit rate", "step_time": "s / step"}
+
+
+def step_mean(metrics, key):
+    """Mean over the training steps that logged `key` as a number (None when none did)."""
+    vals = []
+    for m in metrics:
+        for part in key.split("."):
+            m = m.get(part) if isinstance(m, dict) else None
+        if isinstance(m, (int, float)) and not isinstance(m, bool):
+            vals.append(m)
+    return statistics.mean(vals) if vals else None
 
 
 def spread(xs):
@@ -204,6 +222,12 @@ def compare(run_dirs, out_dir):
         lines.append(f"| {name} | {len(rs)} | {ns(rs, 'eval')} | {spread(cols(rs, 'eval', 'acc'))} | "
                      f"{spread(cols(rs, 'eval', 'comp'))} | {ns(rs, 'train')} | {spread(cols(rs, 'train', 'acc'))} | "
                      f"{spread(cols(rs, 'train', 'comp'))} | {wall} |")
+    lines += ["", "Training diagnostics: per run the mean over its steps, then the mean over seeds ('-': never logged).",
+              "", "| method | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+    for name, rs in groups.items():
+        if not rs[0]["base"]:
+            means = [[r["diag"][k] for r in rs if r["diag"][k] is not None] for k in DIAGNOSTICS]
+            lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(v):.3g}" if v else "-" for v in means) + " |")
     table = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:

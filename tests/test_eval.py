@@ -98,7 +98,8 @@ def _fake_run(d, name, seed, acc, comp, train=None, curve=(), wall=None, args=No
         json.dump({"model": "m", "summary": {"n": 96, "acc": train[0], "comp": train[1]}}, open(d / "eval_train.json", "w"))
     with open(d / "metrics.jsonl", "w") as f:
         for step, a in curve:
-            f.write(json.dumps({"step": step, "reward": 0.1}) + "\n" + json.dumps({"step": step, "eval_acc": a}) + "\n")
+            f.write(json.dumps({"step": step, "reward": 0.1, "success": a / 100, "skills": {"hit_rate": 0.5}}) + "\n"
+                    + json.dumps({"step": step, "eval_acc": a}) + "\n")
 
 
 def test_compare_table_matches_numpy(tmp_path):
@@ -117,7 +118,8 @@ def test_compare_table_matches_numpy(tmp_path):
               curve=[(10, 20.0)])
     table = E.compare([str(d) for d in dirs[::-1]], str(tmp_path / "out"))
     assert (tmp_path / "out" / "compare.md").read_text() == table
-    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines()[2:]}
+    main, diag = table.split("\n\n", 1)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in main.splitlines()[2:]}
     assert list(rows) == ["base model", "skill-sd-frozen", "skill-sd", "grpo"]  # base first, then input order
     ref = lambda xs: f"{np.mean(xs):.1f} ± {np.std(xs, ddof=1):.1f} ({np.min(xs):.1f}-{np.max(xs):.1f})"  # noqa: E731
     for m in acc:
@@ -126,6 +128,13 @@ def test_compare_table_matches_numpy(tmp_path):
                            ref(np.add(comp[m], 5)), f"{np.mean(walls) / 60:.1f} min"]
     assert rows["base model"] == ["1", "64", "12.5", "32.0", "96", "10.0", "30.0", "-"]
     assert rows["skill-sd-frozen"] == ["1", "64", "25.0", "40.0", "-", "-", "-", "-"]
+    # diagnostics: the mean over seeds of each run's mean over steps; columns never logged are '-'
+    d = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in diag.splitlines()[4:]}
+    assert list(d) == ["skill-sd-frozen", "skill-sd", "grpo"]  # no base row: it has no training
+    head = [c.strip() for c in diag.splitlines()[2].split("|")[2:-1]]
+    for m in acc:
+        assert d[m][head.index("rollout success")] == f"{np.mean([(a / 2 + a) / 2 / 100 for a in acc[m]]):.3g}"
+        assert d[m][head.index("skill hit rate")] == "0.5" and d[m][head.index("gap")] == "-"
     if importlib.util.find_spec("matplotlib"):
         png = tmp_path / "out" / "compare.png"
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
