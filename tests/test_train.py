@@ -131,6 +131,54 @@ def kl_on_fixed_batch(student, teacher, tok, skill):
 
 
 @pytest.mark.slow
+class NoisyReward(envs.Sokoban):
+    """Sokoban whose reward also depends on the answer's characters, so the tiny model's groups have spread."""
+    def step(self, text):
+        obs, reward, done, info = super().step(text)
+        return obs, reward + sum(map(ord, text)) % 7 / 7, done, info
+
+
+@pytest.mark.parametrize("method", ["skill-sd", "grpo", "opd", "skill-aug-grpo"])
+def test_a_training_step_is_the_same_with_and_without_the_shared_prefix(tmp_path, monkeypatch, method):
+    """One train.py step per method, groups of 4 in micro-batches of 3 (every group split), teacher behind a skill
+    prompt: the losses and every parameter gradient of --shared-prefix equal --no-shared-prefix's within 1e-5
+    relative. (2 ranks = 1 process is test_torchrun_two_ranks_match_one_process, shared prefix on.)"""
+    monkeypatch.setattr(envs, "make_env", lambda name, **kw: NoisyReward(**{**envs.ENVS[name], **kw}))
+    skill = tmp_path / "skill.json"
+    skill.write_text(json.dumps({"success_analysis": "Push the box up.", "mistake_analysis": "Bumped walls.",
+                                 "golden_workflow": "<action>Up || Left</action>"}))
+    grads, optimizer_step = [], train.optimizer_step
+
+    def spy(model, opt, world, args):
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return optimizer_step(model, opt, world, args)
+
+    monkeypatch.setattr(train, "optimizer_step", spy)
+    # sharpened x8 so the skill prompt moves the teacher (gap ~0.1 nats, not ~1e-3): the SDL gradient is a
+    # difference of student and teacher log-probs, and fp32 rounding of nearly equal ones would dominate it
+    m, tok = M.load("tiny")
+    with torch.no_grad():
+        for q in m.parameters():
+            q.mul_(8.0 if q.dim() == 2 else 1.0)
+    M.save(m, tok, str(tmp_path / "sharp"))
+    common = ["--model", str(tmp_path / "sharp"), "--method", method, "--skill-file", str(skill), "--group-size", "4",
+              "--micro-batch", "3",
+              "--eval-n", "0", "--temperature", "1"]
+    shared = read_jsonl(os.path.join(run(tmp_path / "shared", *common, "--shared-prefix", steps=1), "metrics.jsonl"))
+    plain = read_jsonl(os.path.join(run(tmp_path / "plain", *common, "--no-shared-prefix", steps=1), "metrics.jsonl"))
+    g_shared, g_plain = grads
+    assert shared[0]["reward"] == plain[0]["reward"] and shared[0]["frac_zero_var"] < 1  # same episodes, with spread
+    # loss_grpo sums advantages x ratios of order 1 that cancel within a group (its value is ~1e-7), and the gap
+    # is a difference of log-probs of order 1: both to 1e-5 absolute; loss_sdl to 1e-5 relative
+    for k, scale in (("loss_grpo", 1.0), ("loss_sdl", None), ("gap", 1.0)):
+        a, b = shared[0][k], plain[0][k]
+        assert (a is None) == (b is None) and (a is None or abs(a - b) <= 1e-5 * (scale or abs(b))), (k, a, b)
+    assert len(g_plain) == len(list(M.load("tiny")[0].parameters())) and g_shared.keys() == g_plain.keys()
+    assert max(g.abs().max().item() for g in g_plain.values()) > 0  # the step has a gradient to compare
+    for n, g in g_plain.items():
+        assert (g_shared[n] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-12, n
+
+
 def test_distillation_reaches_the_student(tmp_path):
     # The random tiny model is nearly uniform, so a skill prompt barely moves it (KL ~1e-5, below Adam's noise
     # floor). Sharpening its weights x8 makes the teacher's skill prompt matter (KL ~0.27 nats/token).
