@@ -533,8 +533,11 @@ def crash_point(step, where):
 
 
 def sha256(path):
+    h = hashlib.sha256()  # (hashlib.file_digest would need Python 3.11)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(out, step, model, tok, opt, bank, teacher, extra, args, rank):
