@@ -137,7 +137,7 @@ def test_rerun_changes_nothing_and_a_killed_study_resumes_to_the_same_table(tmp_
     a = tmp_path / "A"
     assert S.main(argv(a)) == 0
     table = (a / "compare.md").read_text()
-    assert [r.split("|")[1].strip() for r in table.splitlines()[2:]] == ["base model", "grpo", "skill-sd-frozen"]
+    assert [r.split("|")[1].strip() for r in table.split("\n\n")[0].splitlines()[2:]] == ["base model", "grpo", "skill-sd-frozen"]
     for run in (a / "grpo" / "seed-0", a / "skill-sd-frozen" / "seed-0"):
         info = json.load(open(run / "run.json"))
         assert info["done"] and info["wall_s"] > 0 and [x["rc"] for x in info["attempts"]] == [0]
