@@ -207,7 +207,8 @@ def spread(xs):
 
 def compare(run_dirs, out_dir):
     """Group runs by name (method variant), write compare.md (the table) and compare.png (eval Acc against step:
-    the mean over seeds as a line, their min-max as a band; base models as dashed lines); return the table."""
+    the mean over seeds as a line, their min-max as bars and a band, the base model as a dashed line and as every
+    curve's step 0); return the table."""
     groups = {}
     for d in run_dirs:
         r = load_run(d)
@@ -238,18 +239,23 @@ def compare(run_dirs, out_dir):
         print(f"no compare.png: {e}")
         return table
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rs in groups.items():
-        curves = [dict(r["curve"]) for r in rs if r["curve"]]
+    bases = [r["eval"]["acc"] for rs in groups.values() for r in rs if r["base"]]
+    for i, (name, rs) in enumerate(groups.items()):
+        # every run starts from the base model: with a base row, it is each curve's step 0
+        curves = [{**({0: statistics.mean(bases)} if bases else {}), **dict(r["curve"])} for r in rs if r["curve"]]
         if rs[0]["base"]:
             ax.axhline(statistics.mean(r["eval"]["acc"] for r in rs), ls="--", color="gray", label=name)
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed has evaluated at
         ys = [[c[s] for s in steps] for c in curves]  # (seeds, steps)
-        line, = ax.plot(steps, [statistics.mean(col) for col in zip(*ys)], marker=".", label=f"{name} ({len(ys)} seeds)")
-        ax.fill_between(steps, [min(col) for col in zip(*ys)], [max(col) for col in zip(*ys)], alpha=0.2,
-                        color=line.get_color())
-    ax.set(xlabel="step", ylabel="eval Acc %", title="eval Acc: mean over seeds, band = min-max")
+        mean, lo, hi = ([f(col) for col in zip(*ys)] for f in (statistics.mean, min, max))
+        x = [s + 0.06 * (i - len(groups) / 2) * max(steps, default=1) / 10 for s in steps]  # side by side
+        line, = ax.plot(x, mean, marker=".", label=f"{name} ({len(ys)} seeds)")
+        ax.errorbar(x, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]], fmt="none",
+                    capsize=3, color=line.get_color())
+        ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
+    ax.set(xlabel="step", ylabel="eval Acc %", title="eval Acc: mean over seeds, bars and band = min-max")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
