@@ -533,9 +533,9 @@ def crash_point(step, where):
 
 
 def sha256(path):
-    h = hashlib.sha256()  # (hashlib.file_digest would need Python 3.11)
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
 

@@ -22,14 +22,14 @@ import torch
 import envs
 import losses
 import model as M
-from rollout import _encode, _render
+from rollout import _encode, prompt_ids, template_pieces
 
 
 def conversation(tok, env, seed, turns, rng):
-    """One game played with random moves -> (ids, loss mask): 1 on each answer's tokens and its eos."""
-    obs = env.reset(seed)
-    msgs = [{"role": "system", "content": env.task_prompt()}, {"role": "user", "content": obs}]
-    ids = _encode(tok, _render(tok, msgs, True))
+    """One game played with random moves -> (ids, loss mask): 1 on each answer's tokens and its eos. Built the way
+    rollout.rollout builds an episode: the prompt, then per turn the answer + eos and the wrapped observation."""
+    after_eos, user_pre, user_post = template_pieces(tok)
+    ids = prompt_ids(tok, env.task_prompt(), env.reset(seed))
     mask = [0] * len(ids)
     for _ in range(turns):
         moves = [rng.choice(envs.ACTION_NAMES) for _ in range(rng.randint(1, env.max_actions_per_turn))]
@@ -39,9 +39,7 @@ def conversation(tok, env, seed, turns, rng):
         obs, _, done, _ = env.step(answer)
         if done:
             break
-        msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": obs}]
-        closed, nxt = _render(tok, msgs[:-1], False), _render(tok, msgs, True)  # the text between two answers
-        between = _encode(tok, closed[closed.rindex(tok.eos_token) + len(tok.eos_token):] + nxt[len(closed):])
+        between = _encode(tok, after_eos + user_pre + obs + user_post)
         ids, mask = ids + between, mask + [0] * len(between)
     return ids, mask
 
