@@ -540,14 +540,17 @@ def test_close_abandons_in_flight_and_cancels_queued():
         return [json.dumps(VALID)] * len(prompts)
 
     a = AsyncSummarizer("self", complete=blocking, workers=1)
-    for step in range(4):
+    a.submit(groups_of(2), 0)
+    entered.wait(30)  # step 0's task 0 is in flight
+    for step in range(1, 4):
         a.submit(groups_of(2), step)
-    entered.wait(30)
     t0 = time.time()
     a.close(timeout=0.5)
     assert time.time() - t0 < 3  # does not wait for the group in flight
-    assert a.stats["abandoned"] == 1 and a.stats["cancelled"] == 7 and a.stats["finished"] == 0
-    assert a.stats["submitted"] == a.stats["finished"] + a.stats["cancelled"] + a.stats["abandoned"]
+    # tasks 0 and 1 every step: each later group supersedes its task's queued one
+    assert a.stats["abandoned"] == 1 and a.stats["superseded"] == 5 and a.stats["cancelled"] == 2
+    assert a.stats["submitted"] == a.stats["finished"] + a.stats["cancelled"] + a.stats["superseded"] + a.stats["abandoned"]
+    assert a.stats["finished"] == 0
     gate.set()  # the abandoned group finishes later: not counted twice, not collected
     time.sleep(0.2)
     assert a.collect() == [] and a.stats["finished"] == 0
@@ -840,3 +843,25 @@ def test_rule_on_real_sokoban_facts():
           "facts": f}
     s = rule(ep)
     assert info["success"] and ", ".join(sol) in s.golden_workflow and "1 turn(s)" in s.mistake_analysis
+
+
+def test_a_queued_group_is_superseded_by_a_newer_one_of_its_task():
+    gate, entered = threading.Event(), threading.Event()
+
+    def blocking(prompts):
+        entered.set()
+        gate.wait(30)
+        return [json.dumps(VALID)] * len(prompts)
+
+    a = AsyncSummarizer("self", complete=blocking, workers=1)
+    a.submit([[episode(None, task_id=7)]], step=0)  # in flight
+    entered.wait(30)
+    for step in (1, 2, 3):  # queued behind it: each replaces the previous queued group of task 7
+        a.submit([[episode(None, task_id=7)], [episode(None, task_id=step + 10)]], step=step)
+    a.submit([[episode(None, task_id=None)]] * 2, step=4)  # no task id: never superseded, never supersedes
+    gate.set()
+    out = a.collect(wait_s=30)
+    assert [(s.task_id, s.step) for s in out] == [(7, 0), (11, 1), (12, 2), (7, 3), (13, 3), (None, 4), (None, 4)]
+    assert a.stats["superseded"] == 2 and a.stats["submitted"] == 9 == a.stats["finished"] + a.stats["superseded"]
+    a.close()
+    assert a.stats["cancelled"] == 0 and a.stats["abandoned"] == 0

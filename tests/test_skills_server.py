@@ -22,6 +22,7 @@ import envs
 from skills import AsyncSummarizer
 
 pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = int(os.environ.get("SKILL_SD_SERVER_GROUPS", "2"))
 
 
@@ -132,3 +133,44 @@ def test_close_returns_with_requests_in_flight(server):
     print(f"\nclose() took {took:.2f} s: {a.stats}")
     assert took < 4 and a.stats["abandoned"] >= 1
     assert a.stats["finished"] + a.stats["cancelled"] + a.stats["abandoned"] == 4
+
+
+def train_run(url, tmp_path, steps, *argv):
+    """A tiny train.py run with the real server as summariser; returns (metrics lines, seconds from the last step's
+    metrics line to the process's exit, its output)."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--device", "cpu", "--steps", str(steps),
+           "--prompts-per-step", "2", "--group-size", "2", "--max-turns", "1", "--max-new-tokens", "8",
+           "--eval-n", "0", "--save-every", "0", "--out", out, "--summarizer", f"openai:{url}",
+           "--summarizer-model", "smollm2", *argv]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, last = os.path.join(out, "metrics.jsonl"), None
+    while proc.poll() is None:  # note when the 4th step's line appears
+        if last is None and os.path.exists(metrics) and len(open(metrics).readlines()) == steps:
+            last = time.time()
+        time.sleep(0.05)
+    exit_s = time.time() - (last or time.time())
+    log = proc.stdout.read()
+    assert proc.returncode == 0, log[-3000:]
+    ms = [json.loads(line) for line in open(metrics)]
+    arrived = [(m["step"], m["skills"]["new"], m["skills"]["age_max"]) for m in ms if m["skills"]["new"]]
+    print(f"\n{steps} steps, {' '.join(argv) or 'no wait'}: (step, skills arrived, their max age in steps) "
+          f"{arrived}, distilled per step {[m['distill_frac'] for m in ms]}, summariser {ms[-1]['summarizer']}, "
+          f"exit {exit_s:.1f} s after the last step {[line for line in log.splitlines() if 'abandoned' in line]}")
+    return ms, exit_s, log
+
+
+def test_train_with_a_bounded_wait_fills_the_bank(server, tmp_path):
+    ms, exit_s, _ = train_run(server, tmp_path, 4, "--summarizer-wait", "120", "--train-tasks", "2")
+    assert sum(m["skills"]["new"] for m in ms) >= 6  # of 8 groups (the parse rate is about 1, not exactly)
+    assert all(m["skills"]["age_mean"] in (0, None) for m in ms)  # every skill arrives in its own step
+    assert all(m["distill_frac"] > 0 for m in ms[1:])  # both tasks come back every step: distilled from step 2
+    assert exit_s < 10
+
+
+def test_train_without_wait_reports_the_skills_age_and_exits_quickly(server, tmp_path):
+    ms, exit_s, log = train_run(server, tmp_path, 100)  # a step takes ~0.3 s, a summary ~6 s: skills arrive late
+    ages = [m["skills"]["age_max"] for m in ms if m["skills"]["new"]]
+    assert ages and max(ages) >= 1  # what arrived is dated, by the step that submitted it
+    assert exit_s < 10 and "abandoned at exit" in log  # requests still in flight are abandoned, never waited out
