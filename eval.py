@@ -4,22 +4,17 @@
     python eval.py --model runs/default/ckpt-000040      # a checkpoint written by train.py
     python eval.py --model runs/default/ckpt-000040 --split eval train --out runs/default   # + training levels
     python eval.py --plot runs/default/metrics.jsonl     # training curves to PNG (needs matplotlib)
-    python eval.py --compare runs/study/*/ --out runs/study   # methods x seeds: compare.md, compare.png
 
 Metrics (Sokoban): Acc = % of puzzles solved, Comp = mean % of boxes on targets at the end, mean turns,
 invalid-output rate (turns whose answer could not be parsed), and on solved puzzles the ratio of moves taken to
 the optimal number of moves (from `envs.solve`; only the report sees the solver, never the agent).
 
 Deliberate simplifications: evaluation is greedy by default (temperature 0) and uses the plain task prompt, never
-a skill; in a torchrun job each rank evaluates a slice of the set and train.py gathers the slices. The comparison
-reads only each run folder's small text files (run.json, args.json, metrics.jsonl, eval.json, eval_train.json), so
-committed copies of them reproduce it; its spread is the sample std (n - 1) and the min-max over seeds, nothing
-fancier (3 seeds support no confidence interval worth printing).
+a skill; in a torchrun job each rank evaluates a slice of the set and train.py gathers the slices.
 """
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -162,108 +157,6 @@ def plot(metrics_path, out_png=None):
     return out_png
 
 
-def load_run(run_dir):
-    """One run folder (or a base-model evaluation folder) -> the numbers the comparison needs."""
-    def read(name):
-        path = os.path.join(run_dir, name)
-        return json.load(open(path)) if os.path.exists(path) else None
-    run, args, ev, tr = read("run.json") or {}, read("args.json"), read("eval.json"), read("eval_train.json")
-    if ev is None:
-        raise SystemExit(f"error: {run_dir} has no eval.json (not a finished run or evaluation)")
-    if args:  # a training run not made by study.py: name it by its method flags
-        label = args["method"] + ("-frozen" if args.get("teacher") == "frozen" else "") + \
-            ("-offpolicy" if args.get("rollout_owner") == "teacher" else "")
-    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    curve = [(m["step"], m["eval_acc"]) for m in metrics if m.get("eval_acc") is not None]
-    return {"name": run.get("name") or (label if args else ev["model"]), "eval": ev["summary"],
-            "train": tr and tr["summary"], "curve": curve, "wall_s": run.get("wall_s"), "base": not args,
-            "diag": {k: step_mean(metrics, k) for k in DIAGNOSTICS}}
-
-
-# training diagnostics compared per method: metrics.jsonl key (a.b = key b of dict a) -> column title
-DIAGNOSTICS = {"success": "rollout success", "frac_zero_var": "zero-variance groups", "entropy": "entropy",
-               "distill_frac": "distilled episodes", "gap": "gap", "teacher_adv_corr": "teacher-adv. corr",
-               "skills.hit_rate": "skill hit rate", "step_time": "s / step"}
-
-
-def step_mean(metrics, key):
-    """Mean over the training steps that logged `key` as a number (None when none did)."""
-    vals = []
-    for m in metrics:
-        for part in key.split("."):
-            m = m.get(part) if isinstance(m, dict) else None
-        if isinstance(m, (int, float)) and not isinstance(m, bool):
-            vals.append(m)
-    return statistics.mean(vals) if vals else None
-
-
-def spread(xs):
-    """'mean ± std (min-max)' over seeds (sample std); the mean alone for one value; '-' for none."""
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return f"{xs[0]:.1f}" if xs else "-"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
-
-
-def compare(run_dirs, out_dir):
-    """Group runs by name (method variant), write compare.md (the table) and compare.png (eval Acc against step:
-    the mean over seeds as a line, their min-max as bars and a band, the base model as a dashed line and as every
-    curve's step 0); return the table."""
-    groups = {}
-    for d in run_dirs:
-        r = load_run(d)
-        groups.setdefault(r["name"], []).append(r)
-    cols = lambda rs, split, k: [r[split][k] if r[split] else None for r in rs]  # noqa: E731
-    ns = lambda rs, split: "/".join(sorted({str(r[split]["n"]) for r in rs if r[split]})) or "-"  # noqa: E731
-    lines = ["| method | seeds | eval n | Acc % | Comp % | train n | train Acc % | train Comp % | wall / run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, rs in sorted(groups.items(), key=lambda kv: not kv[1][0]["base"]):  # base models first
-        walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
-        wall = f"{statistics.mean(walls) / 60:.1f} min" if walls else "-"
-        lines.append(f"| {name} | {len(rs)} | {ns(rs, 'eval')} | {spread(cols(rs, 'eval', 'acc'))} | "
-                     f"{spread(cols(rs, 'eval', 'comp'))} | {ns(rs, 'train')} | {spread(cols(rs, 'train', 'acc'))} | "
-                     f"{spread(cols(rs, 'train', 'comp'))} | {wall} |")
-    lines += ["", "Training diagnostics: per run the mean over its steps, then the mean over seeds ('-': never logged).",
-              "", "| method | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
-    for name, rs in groups.items():
-        if not rs[0]["base"]:
-            means = [[r["diag"][k] for r in rs if r["diag"][k] is not None] for k in DIAGNOSTICS]
-            lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(v):.3g}" if v else "-" for v in means) + " |")
-    table = "\n".join(lines) + "\n"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-        f.write(table)
-    try:
-        plt = _pyplot()
-    except SystemExit as e:
-        print(f"no compare.png: {e}")
-        return table
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    bases = [r["eval"]["acc"] for rs in groups.values() for r in rs if r["base"]]
-    for i, (name, rs) in enumerate(groups.items()):
-        # every run starts from the base model: with a base row, it is each curve's step 0
-        curves = [{**({0: statistics.mean(bases)} if bases else {}), **dict(r["curve"])} for r in rs if r["curve"]]
-        if rs[0]["base"]:
-            ax.axhline(statistics.mean(r["eval"]["acc"] for r in rs), ls="--", color="gray", label=name)
-        if not curves:
-            continue
-        steps = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed has evaluated at
-        ys = [[c[s] for s in steps] for c in curves]  # (seeds, steps)
-        mean, lo, hi = ([f(col) for col in zip(*ys)] for f in (statistics.mean, min, max))
-        x = [s + 0.06 * (i - len(groups) / 2) * max(steps, default=1) / 10 for s in steps]  # side by side
-        line, = ax.plot(x, mean, marker=".", label=f"{name} ({len(ys)} seeds)")
-        ax.errorbar(x, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]], fmt="none",
-                    capsize=3, color=line.get_color())
-        ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
-    ax.set(xlabel="step", ylabel="eval Acc %", title="eval Acc: mean over seeds, bars and band = min-max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=100)
-    plt.close(fig)
-    return table
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on the fixed Sokoban evaluation set, or plot curves.")
     p.add_argument("--model", default="smollm2-135m", help="'tiny', 'smollm2-135m', an HF id, or a checkpoint folder")
@@ -283,18 +176,12 @@ def main(argv=None):
                         "also move words anywhere in the text")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=16, help="puzzles played at once")
-    p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md (or compare.md/.png)")
+    p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="instead of evaluating, plot this metrics.jsonl to PNG")
-    p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
-                   help="instead of evaluating, compare run folders (grouped by method; mean, std and min-max over "
-                        "seeds; base-model folders as rows) into OUT/compare.md and OUT/compare.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.plot:
         print("wrote", plot(args.plot))
-        return
-    if args.compare:
-        print(compare(args.compare, args.out), end="")
         return
     if args.n < 1 or (args.train_n is not None and args.train_n < 1):
         p.error("--n and --train-n must be >= 1")

@@ -7,7 +7,7 @@
 Each run is `train.py` in a subprocess (`torchrun --standalone --nproc_per_node N` with --nproc N), then
 `eval.py --split train` on its final checkpoint (the training levels, greedy, the same code as the held-out
 evaluation train.py ends with). The base model is evaluated once on both sets, with the runs' own settings (read
-from a run's args.json). At the end `eval.compare` writes OUT/compare.md and OUT/compare.png.
+from a run's args.json). At the end `compare` writes OUT/compare.md and OUT/compare.png.
 
 Layout of --out: study.json (the frozen configuration: the config file's flags and the flags after --),
 base/ (eval.json, eval_train.json, run.json), NAME/seed-S/ (a train.py --out folder plus eval_train.json, run.json:
@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -110,13 +111,122 @@ def fmt(s):
     return f"{int(s) // 60}m{int(s) % 60:02d}s"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the comparison: reads only each run folder's small text files, so committed copies of them reproduce it
+
+def load_run(run_dir):
+    """One run folder (or a base-model evaluation folder) -> the numbers the comparison needs."""
+    def read(name):
+        path = os.path.join(run_dir, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+    run, args, ev, tr = read("run.json") or {}, read("args.json"), read("eval.json"), read("eval_train.json")
+    if ev is None:
+        raise SystemExit(f"error: {run_dir} has no eval.json (not a finished run or evaluation)")
+    if args:  # a training run not made by study.py: name it by its method flags
+        label = args["method"] + ("-frozen" if args.get("teacher") == "frozen" else "") + \
+            ("-offpolicy" if args.get("rollout_owner") == "teacher" else "")
+    metrics = E.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    curve = [(m["step"], m["eval_acc"]) for m in metrics if m.get("eval_acc") is not None]
+    return {"name": run.get("name") or (label if args else ev["model"]), "eval": ev["summary"],
+            "train": tr and tr["summary"], "curve": curve, "wall_s": run.get("wall_s"), "base": not args,
+            "diag": {k: step_mean(metrics, k) for k in DIAGNOSTICS}}
+
+
+# training diagnostics compared per method: metrics.jsonl key (a.b = key b of dict a) -> column title
+DIAGNOSTICS = {"success": "rollout success", "frac_zero_var": "zero-variance groups", "entropy": "entropy",
+               "distill_frac": "distilled episodes", "gap": "gap", "teacher_adv_corr": "teacher-adv. corr",
+               "skills.hit_rate": "skill hit rate", "step_time": "s / step"}
+
+
+def step_mean(metrics, key):
+    """Mean over the training steps that logged `key` as a number (None when none did)."""
+    vals = []
+    for m in metrics:
+        for part in key.split("."):
+            m = m.get(part) if isinstance(m, dict) else None
+        if isinstance(m, (int, float)) and not isinstance(m, bool):
+            vals.append(m)
+    return statistics.mean(vals) if vals else None
+
+
+def spread(xs):
+    """'mean ± std (min-max)' over seeds (sample std); the mean alone for one value; '-' for none."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return f"{xs[0]:.1f}" if xs else "-"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def compare(run_dirs, out_dir):
+    """Group runs by name (method variant), write compare.md (the table) and compare.png (eval Acc against step:
+    the mean over seeds as a line, their min-max as bars and a band, the base model as a dashed line and as every
+    curve's step 0); return the table."""
+    groups = {}
+    for d in run_dirs:
+        r = load_run(d)
+        groups.setdefault(r["name"], []).append(r)
+    cols = lambda rs, split, k: [r[split][k] if r[split] else None for r in rs]  # noqa: E731
+    ns = lambda rs, split: "/".join(sorted({str(r[split]["n"]) for r in rs if r[split]})) or "-"  # noqa: E731
+    lines = ["| method | seeds | eval n | Acc % | Comp % | train n | train Acc % | train Comp % | wall / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(groups.items(), key=lambda kv: not kv[1][0]["base"]):  # base models first
+        walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
+        wall = f"{statistics.mean(walls) / 60:.1f} min" if walls else "-"
+        lines.append(f"| {name} | {len(rs)} | {ns(rs, 'eval')} | {spread(cols(rs, 'eval', 'acc'))} | "
+                     f"{spread(cols(rs, 'eval', 'comp'))} | {ns(rs, 'train')} | {spread(cols(rs, 'train', 'acc'))} | "
+                     f"{spread(cols(rs, 'train', 'comp'))} | {wall} |")
+    lines += ["", "Training diagnostics: per run the mean over its steps, then the mean over seeds ('-': never logged).",
+              "", "| method | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+    for name, rs in groups.items():
+        if not rs[0]["base"]:
+            means = [[r["diag"][k] for r in rs if r["diag"][k] is not None] for k in DIAGNOSTICS]
+            lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(v):.3g}" if v else "-" for v in means) + " |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(table)
+    try:
+        plt = E._pyplot()
+    except SystemExit as e:
+        print(f"no compare.png: {e}")
+        return table
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bases = [r["eval"]["acc"] for rs in groups.values() for r in rs if r["base"]]
+    for i, (name, rs) in enumerate(groups.items()):
+        # every run starts from the base model: with a base row, it is each curve's step 0
+        curves = [{**({0: statistics.mean(bases)} if bases else {}), **dict(r["curve"])} for r in rs if r["curve"]]
+        if rs[0]["base"]:
+            ax.axhline(statistics.mean(r["eval"]["acc"] for r in rs), ls="--", color="gray", label=name)
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed has evaluated at
+        ys = [[c[s] for s in steps] for c in curves]  # (seeds, steps)
+        mean, lo, hi = ([f(col) for col in zip(*ys)] for f in (statistics.mean, min, max))
+        x = [s + 0.06 * (i - len(groups) / 2) * max(steps, default=1) / 10 for s in steps]  # side by side
+        line, = ax.plot(x, mean, marker=".", label=f"{name} ({len(ys)} seeds)")
+        ax.errorbar(x, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]], fmt="none",
+                    capsize=3, color=line.get_color())
+        ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
+    ax.set(xlabel="step", ylabel="eval Acc %", title="eval Acc: mean over seeds, bars and band = min-max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=100)
+    plt.close(fig)
+    return table
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Flags after -- are passed to every train.py run (after the config's).")
-    p.add_argument("--config", required=True, help="JSON object of train.py flags shared by every run (frozen)")
+    p.add_argument("--config", help="JSON object of train.py flags shared by every run (frozen); required unless "
+                                    "--compare")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="only compare finished run folders (grouped by method; mean, std and min-max over seeds; "
+                        "base-model folders as rows) into OUT/compare.md and OUT/compare.png")
     p.add_argument("--methods", nargs="+", default=["skill-sd", "grpo", "opd", "skill-aug-grpo", "skill-sd-frozen"],
                    help=f"variants: {', '.join(VARIANTS)}, or NAME='TRAIN.PY FLAGS' (default: the paper's rows)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.py --seed of each run of each method")
@@ -129,6 +239,11 @@ def main(argv=None):
                         "take ~50 GB per run); the comparison needs only the small text files")
     p.add_argument("--dry-run", action="store_true", help="print the train.py commands and exit")
     a = p.parse_args(argv)
+    if a.compare:
+        print(compare(a.compare, a.out), end="")
+        return 0
+    if not a.config:
+        p.error("--config is required (or --compare RUN_DIR ...)")
     try:
         if a.nproc < 1 or a.save_every < 1:
             raise ValueError("--nproc and --save-every must be >= 1")
@@ -242,7 +357,7 @@ def main(argv=None):
     done = [d for _, _, d, _ in runs if (read_json(os.path.join(d, "run.json")) or {}).get("done")]
     done = ([base] if info.get("done") else []) + done
     if done:
-        print(E.compare(done, out), end="")
+        print(compare(done, out), end="")
         print(f"wrote {out}/compare.md and compare.png ({len(done)} folders, study wall {fmt(time.time() - t_study)})")
     if failed:
         print(f"unfinished: {', '.join(failed)}; rerun the same command to finish them", flush=True)

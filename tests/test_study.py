@@ -1,6 +1,7 @@
 """study.py: config -> train.py flags, clear errors, torchrun commands, and end to end on the tiny model: a second
 run of a finished study changes nothing, and a study killed mid-run resumes to the same table."""
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -178,3 +179,59 @@ def test_rerun_changes_nothing_and_a_killed_study_resumes_to_the_same_table(tmp_
     assert "--resume" in open(run / "train.log").read().split("$ ")[-1].splitlines()[0]
     assert read_metrics(run) == read_metrics(a / "skill-sd-frozen" / "seed-0")
     assert without_wall((b / "compare.md").read_text()) == without_wall(table)
+
+
+def _fake_run(d, name, seed, acc, comp, train=None, curve=(), wall=None, args=None, n=64):
+    """A run folder with only the small text files the comparison reads."""
+    os.makedirs(d)
+    if name is not None:
+        json.dump({"name": name, "seed": seed, **({"wall_s": wall} if wall is not None else {})}, open(d / "run.json", "w"))
+    if args is not None:
+        json.dump(args, open(d / "args.json", "w"))
+    json.dump({"model": "m", "summary": {"n": n, "acc": acc, "comp": comp}}, open(d / "eval.json", "w"))
+    if train is not None:
+        json.dump({"model": "m", "summary": {"n": 96, "acc": train[0], "comp": train[1]}}, open(d / "eval_train.json", "w"))
+    with open(d / "metrics.jsonl", "w") as f:
+        for step, a in curve:
+            f.write(json.dumps({"step": step, "reward": 0.1, "success": a / 100, "skills": {"hit_rate": 0.5}}) + "\n"
+                    + json.dumps({"step": step, "eval_acc": a}) + "\n")
+
+
+def test_compare_table_matches_numpy(tmp_path):
+    np = pytest.importorskip("numpy")
+    acc = {"grpo": [50.0, 56.25, 43.75], "skill-sd": [62.5, 60.9375]}
+    comp = {"grpo": [60.0, 70.5, 65.0], "skill-sd": [71.0, 72.0]}
+    dirs = [tmp_path / "base"]
+    _fake_run(dirs[0], "base model", None, 12.5, 32.0, train=(10.0, 30.0))
+    for m in acc:
+        for s, (a, c) in enumerate(zip(acc[m], comp[m])):
+            dirs.append(tmp_path / m / f"seed-{s}")
+            _fake_run(dirs[-1], m, s, a, c, train=(a + 10, c + 5), curve=[(10, a / 2), (20, a)], wall=60.0 * (s + 1),
+                      args={"method": "grpo"})  # run.json's name wins over args.json's method
+    dirs.append(tmp_path / "plain")  # no run.json: named from its args.json; no training-level evaluation
+    _fake_run(dirs[-1], None, None, 25.0, 40.0, args={"method": "skill-sd", "teacher": "frozen", "rollout_owner": "student"},
+              curve=[(10, 20.0)])
+    table = S.compare([str(d) for d in dirs[::-1]], str(tmp_path / "out"))
+    assert (tmp_path / "out" / "compare.md").read_text() == table
+    main, diag = table.split("\n\n", 1)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in main.splitlines()[2:]}
+    assert list(rows) == ["base model", "skill-sd-frozen", "skill-sd", "grpo"]  # base first, then input order
+    ref = lambda xs: f"{np.mean(xs):.1f} ± {np.std(xs, ddof=1):.1f} ({np.min(xs):.1f}-{np.max(xs):.1f})"  # noqa: E731
+    for m in acc:
+        walls = [60.0 * (s + 1) for s in range(len(acc[m]))]
+        assert rows[m] == [str(len(acc[m])), "64", ref(acc[m]), ref(comp[m]), "96", ref(np.add(acc[m], 10)),
+                           ref(np.add(comp[m], 5)), f"{np.mean(walls) / 60:.1f} min"]
+    assert rows["base model"] == ["1", "64", "12.5", "32.0", "96", "10.0", "30.0", "-"]
+    assert rows["skill-sd-frozen"] == ["1", "64", "25.0", "40.0", "-", "-", "-", "-"]
+    # diagnostics: the mean over seeds of each run's mean over steps; columns never logged are '-'
+    d = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in diag.splitlines()[4:]}
+    assert list(d) == ["skill-sd-frozen", "skill-sd", "grpo"]  # no base row: it has no training
+    head = [c.strip() for c in diag.splitlines()[2].split("|")[2:-1]]
+    for m in acc:
+        assert d[m][head.index("rollout success")] == f"{np.mean([(a / 2 + a) / 2 / 100 for a in acc[m]]):.3g}"
+        assert d[m][head.index("skill hit rate")] == "0.5" and d[m][head.index("gap")] == "-"
+    if importlib.util.find_spec("matplotlib"):
+        png = tmp_path / "out" / "compare.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no eval.json"):
+        S.compare([str(tmp_path)], str(tmp_path / "out"))
