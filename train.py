@@ -312,9 +312,11 @@ def play(player, tok, make_env, seeds, generators, args, system_prompts=None):
     """G episodes of each task in one batch, sampled without gradient (student or teacher, plain or skill prompt)."""
     player.eval()
     with torch.no_grad(), autocast(next(player.parameters()).device):
-        return rollout.rollout(player, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, generator=generators,
-                               max_len=args.max_len, system_prompts=system_prompts)
+        eps = rollout.rollout(player, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, generator=generators,
+                              max_len=args.max_len, system_prompts=system_prompts)
+    player.train()
+    return eps
 
 
 def episode_dict(ep, env_name, task_prompt):
@@ -349,6 +351,7 @@ def teacher_logprobs(t_model, episodes, pad_id, device, inv_t, args):
             counts = [sum(e.mask) for e in chunk]
             hs_out += hs.split(counts) if args.sdl_estimator == "full" else [None] * len(chunk)
             logp_out += logp.split(counts)
+    t_model.train()
     return hs_out, logp_out
 
 
@@ -668,9 +671,18 @@ def truncate_jsonl(path, last_step):
     os.replace(path + ".tmp", path)
 
 
-def start_tracker(args, rank):
-    """The W&B run (--wandb, rank 0 only) or None. A resumed run continues the same W&B run (its id is kept in
-    OUT/wandb-id); W&B drops the re-logged steps, which resuming reproduces exactly anyway."""
+def start_run(args, rank, world, device, model):
+    """The output folder, args.json and the run's header line; returns the W&B run (--wandb, rank 0 only) or
+    None. A resumed run continues the same W&B run (its id is kept in OUT/wandb-id); W&B drops the re-logged
+    steps, which resuming reproduces exactly anyway."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot use --out {args.out} as the output folder: {e.strerror}")
+    if rank == 0:
+        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
+        print(f"{args.method} | model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params)"
+              f" | {args.env} | {world} process(es) on {device} | out {args.out}", flush=True)
     if not args.wandb or rank != 0:
         return None
     import wandb
@@ -760,19 +772,11 @@ def main(argv=None):
     summarizer = make_summarizer(args, model, tok, device)
 
     start = 0
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot use --out {args.out} as the output folder: {e.strerror}")
     if args.resume:
         start, bank, state = load_checkpoint(args.out, model, opt, teacher, device, rank, world)
         saved = state["summarizer"]  # every rank's counters (each rank summarises its own groups)
         summarizer.stats.update(saved[rank] if len(saved) == world else {})  # another world size: counts restart
-    run = start_tracker(args, rank)
-    if rank == 0:
-        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
-        print(f"{args.method} | model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params)"
-              f" | {args.env} | {world} process(es) on {device} | out {args.out}", flush=True)
+    run = start_run(args, rank, world, device, model)
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
                disable=rank != 0, dynamic_ncols=True)
@@ -798,7 +802,6 @@ def main(argv=None):
             player = (teacher or model) if args.rollout_owner == "teacher" else model
             eps = play(player, tok, make_env, seeds, episode_rngs(args.seed, step, groups, G), args,
                        skill_prompts if (skill_in_student or args.rollout_owner == "teacher") else None)
-            model.train()
             t_roll = time.time() - t0
             # The student always learns on the plain prompt, except in skill-augmented GRPO.
             student_eps = [rollout.reprompt(e, tok, task_prompt) for e in eps] if args.rollout_owner == "teacher" else eps
@@ -824,7 +827,6 @@ def main(argv=None):
                      for i in distilled]
             t_hs, t_logp = teacher_logprobs(teacher or model, t_eps, pad_id, device, inv_t, args)
             hs_teacher, logp_teacher = dict(zip(distilled, t_hs)), dict(zip(distilled, t_logp))
-            model.train()
 
         # 6. loss over micro-batches, normalised by the global number of sampled tokens N
         num_tokens = sum(all_gather_objects(sum(sum(e.mask) for e in student_eps), world))
@@ -863,9 +865,8 @@ def main(argv=None):
         if teacher is not None and args.teacher == "dynamic" and (step + 1) % args.teacher_sync_every == 0:
             teacher.load_state_dict(model.state_dict())
 
-        # 9. UCB: every selected skill gets its group's arm reward, or is released (no information), on every rank
-        # the teacher-minus-student gap per token, against the student's own log-probs (for the off-policy
-        # ablation too, whose logp_old is the teacher's sampling log-prob)
+        # 9. UCB: every selected skill gets its group's arm reward, or is released (no information), on every rank;
+        #    the gap is taken against the student's log-probs (the off-policy ablation's logp_old is the teacher's)
         gap = {i: (logp_teacher[i] - logp_student[i]).tolist() for i in distilled}  # episode -> (n_i,)
         arms = arm_rewards(rewards, adv.tolist(), gap, skill_in_student)  # (P,) float or None
         for g, r in enumerate(sum(all_gather_objects(arms, world), [])):
