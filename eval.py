@@ -20,8 +20,8 @@ import sys
 import torch
 
 import envs
-import model as M
-import rollout as R
+import rollout
+from model import autocast, load as load_model
 
 
 def env_overrides(args, split="train"):
@@ -49,7 +49,7 @@ def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temp
         chunks = tqdm(chunks, desc="eval", unit="batch", dynamic_ncols=True)
     results = []
     for chunk in chunks:
-        eps = R.rollout(model, tokenizer, make_env, list(chunk), group_size=1, max_turns=max_turns,
+        eps = rollout.rollout(model, tokenizer, make_env, list(chunk), group_size=1, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
         results += [episode_result(ep, make_env, sokoban=env_name.startswith("sokoban")) for ep in eps]
     return results
@@ -187,12 +187,12 @@ def main(argv=None):
         p.error("--n and --train-n must be >= 1")
     try:
         seeds = {s: envs.task_set(s, args.n if s == "eval" else args.train_n, env=args.env) for s in args.split}
-        model, tok = M.load(args.model, device=args.device)
+        model, tok = load_model(args.model, device=args.device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     model.eval()
     for split in dict.fromkeys(args.split):
-        with torch.no_grad(), M.autocast(args.device):
+        with torch.no_grad(), autocast(args.device):
             results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, env_overrides(args, split),
                                temperature=args.temperature, batch_size=args.batch_size, progress=True)
         summary = summarize(results)

@@ -362,11 +362,11 @@ def sdl_term(logp, hs, b, rows, logp_teacher, hs_teacher, model, teacher, num_to
     sel = b["mask"] > 0  # (b, T)
     dmask = torch.stack([b["mask"][r] * (i in logp_teacher) for r, i in enumerate(rows)])  # (b, T)
     if args.sdl_estimator == "k3":
-        lt = torch.zeros(sel.shape, device=logp.device)  # (b, T) logp_teacher on the grid
+        logp_teacher_grid = torch.zeros(sel.shape, device=logp.device)  # (b, T)
         for r, i in enumerate(rows):
             if i in logp_teacher:
-                lt[r, sel[r]] = logp_teacher[i].to(logp.device)
-        loss, metrics = losses.sdl_loss(logp, b["logp_old"], lt, dmask, num_tokens=num_tokens)
+                logp_teacher_grid[r, sel[r]] = logp_teacher[i].to(logp.device)
+        loss, metrics = losses.sdl_loss(logp, b["logp_old"], logp_teacher_grid, dmask, num_tokens=num_tokens)
     else:
         hs_t = torch.cat([hs_teacher[i].to(hs.device) if i in hs_teacher else hs.new_zeros(n, hs.shape[1])
                           for i, n in zip(rows, sel.sum(1).tolist())])  # (n, C)

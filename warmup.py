@@ -21,7 +21,7 @@ import torch
 
 import envs
 import losses
-import model as M
+from model import load as load_model, save as save_model
 from rollout import _encode, prompt_ids, template_pieces
 
 
@@ -61,7 +61,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     try:
-        model, tok = M.load(a.model)
+        model, tok = load_model(a.model)
         env = envs.make_env(a.env, max_turns=a.max_turns)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
@@ -80,7 +80,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         print(f"step {step + 1}/{a.steps}: loss {loss.item():.3f} over {int(sel.sum())} answer tokens", flush=True)
-    M.save(model, tok, a.out)
+    save_model(model, tok, a.out)
     print(f"saved {a.out}")
 
 

@@ -165,13 +165,20 @@ def main():
     p.add_argument("--micro-batch", type=int, default=4, help="episodes per forward/backward (train.py's default 4)")
     p.add_argument("--skill-tokens", type=int, default=300, help="extra teacher-prompt tokens (the skill), default 300")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--settings", nargs="+", default=None, metavar="GxPROMPT",
+                   help="group size x shared-prompt tokens per setting (default 4x247 8x2000; tiny: 4x247 8x600)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = qwen3_06b_shape(device) if args.model == "qwen3-0.6b-shape" else M.load(args.model, device=device)[0]
     model.train()
-    settings = [(4, 247), (8, 2000)] if args.model != "tiny" else [(4, 247), (8, 600)]
+    try:
+        settings = [tuple(int(x) for x in g.split("x")) for g in args.settings or
+                    (["4x247", "8x2000"] if args.model != "tiny" else ["4x247", "8x600"])]
+        assert all(len(g) == 2 and min(g) >= 1 for g in settings)
+    except (ValueError, AssertionError):
+        p.error(f"--settings takes GxPROMPT pairs of positive integers like 8x2000, got {args.settings}")
     for G, prompt_len in settings:
         compare(model, device, G, prompt_len, args.skill_tokens, micro_batch=args.micro_batch, repeats=args.repeats)
 
