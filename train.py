@@ -114,7 +114,8 @@ def parse_args(argv=None):
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the fused log-prob kernel")
     g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="score each group's shared prompt once, for the student and the teacher, instead of once per "
-                        "episode (same values and gradients up to float rounding); --no-shared-prefix runs the plain "
+                        "episode of a micro-batch (same values and gradients up to float rounding; largest saving "
+                        "when --micro-batch is a multiple of --group-size); --no-shared-prefix runs the plain "
                         "full forward. Saves compute on CPU and memory everywhere; on a GPU with a small model the "
                         "step is host-bound and can be slower (README)")
     g.add_argument("--tf32-grads", action="store_true",
