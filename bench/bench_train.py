@@ -128,8 +128,12 @@ def measure(model, eps, t_eps, adv, micro_batch, shared, device):
                 peak=peak, lp=lp)
 
 
-def compare(model, device, G, prompt_len, skill_len=300, P=2, micro_batch=4, repeats=1, warmup=True):
-    """Plain vs shared-prefix step on one setting; prints the table, returns {path: result}, ratios."""
+def compare(model, device, G, prompt_len, skill_len=300, P=2, micro_batch=4, repeats=1, warmup=True,
+            shared_micro_batch=None):
+    """Plain vs shared-prefix step on one setting; prints the table, returns {path: result}, ratios. The shared
+    path may use larger micro-batches (whole groups: the prompt is shared within a micro-batch) than the plain
+    path can hold in memory; the loss and gradients do not depend on the micro-batching."""
+    mbs = {False: micro_batch, True: shared_micro_batch or micro_batch}
     vocab = model.config.vocab_size
     eps, t_eps = synth_episodes(P, G, prompt_len, skill_len, vocab)
     adv = torch.randn(len(eps), generator=torch.Generator().manual_seed(0)).to(device)
@@ -140,11 +144,11 @@ def compare(model, device, G, prompt_len, skill_len=300, P=2, micro_batch=4, rep
     best = {}
     for _ in range(repeats):
         for shared in (False, True):  # alternate, so that load drift hits both sides alike
-            r = measure(model, eps, t_eps, adv, micro_batch, shared, device)
+            r = measure(model, eps, t_eps, adv, mbs[shared], shared, device)
             k = "shared" if shared else "plain"
             best[k] = r if k not in best or r["wall"] < best[k]["wall"] else best[k]
     print(f"P={P} x G={G}, prompt {prompt_len} (teacher +{skill_len} skill), {len(eps[0].tokens)} tokens per "
-          f"episode, micro-batch {micro_batch}, {device}, best of {repeats}")
+          f"episode, micro-batch {mbs[False]} plain / {mbs[True]} shared, {device}, best of {repeats}")
     for k, r in best.items():
         print(f"  {k:6s}: {r['positions']:7d} positions  {r['wall']:8.2f} s wall  {r['cpu']:8.2f} s cpu  "
               f"peak {r['peak'] / 2**20:9.1f} MiB")
@@ -165,6 +169,9 @@ def main():
     p.add_argument("--micro-batch", type=int, default=4, help="episodes per forward/backward (train.py's default 4)")
     p.add_argument("--skill-tokens", type=int, default=300, help="extra teacher-prompt tokens (the skill), default 300")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--shared-micro-batch", type=int, default=None,
+                   help="micro-batch of the shared-prefix path (default: --micro-batch); e.g. G, so each group's "
+                        "prompt runs once, where the plain path needs smaller micro-batches to fit in memory")
     p.add_argument("--settings", nargs="+", default=None, metavar="GxPROMPT",
                    help="group size x shared-prompt tokens per setting (default 4x247 8x2000; tiny: 4x247 8x600)")
     args = p.parse_args()
@@ -180,7 +187,8 @@ def main():
     except (ValueError, AssertionError):
         p.error(f"--settings takes GxPROMPT pairs of positive integers like 8x2000, got {args.settings}")
     for G, prompt_len in settings:
-        compare(model, device, G, prompt_len, args.skill_tokens, micro_batch=args.micro_batch, repeats=args.repeats)
+        compare(model, device, G, prompt_len, args.skill_tokens, micro_batch=args.micro_batch, repeats=args.repeats,
+                shared_micro_batch=args.shared_micro_batch)
 
 
 if __name__ == "__main__":
