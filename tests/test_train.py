@@ -219,7 +219,8 @@ if "--fsdp" not in sys.argv:  # a sharded model's weights are checked through it
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path):
-    """2 gloo ranks, replicated and FSDP-sharded, against one process over the same episodes and seeds."""
+    """2 gloo ranks, replicated and FSDP-sharded, against one process over the same episodes and seeds; and 2
+    ranks with --no-shared-prefix against 2 ranks with it (the default)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DIST.format(root=ROOT))
     args = TINY + ["--steps", "2", "--eval-n", "2"]
@@ -227,7 +228,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     runs = {"one": [sys.executable, str(driver)],
             "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(driver)],
             "fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29532",
-                     str(driver), "--fsdp"]}
+                     str(driver), "--fsdp"],
+            "two-plain": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                          str(driver), "--no-shared-prefix"]}
     for name, cmd in runs.items():
         r = subprocess.run(cmd + args + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
                            timeout=300)
@@ -235,6 +238,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     w0, w1, w = (torch.load(tmp_path / d / f) for d, f in [("two", "rank0.pt"), ("two", "rank1.pt"), ("one", "rank0.pt")])
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the replicas never drift apart
     assert max((w0[k] - w[k]).abs().max().item() for k in w) <= 1e-5
+    wp = torch.load(tmp_path / "two-plain" / "rank0.pt")
+    assert max((w0[k] - wp[k]).abs().max().item() for k in w) <= 1e-5  # shared prefix = plain, on 2 ranks too
     ws = weights(latest(tmp_path / "fsdp"))  # sharded run: the gathered checkpoint rank 0 wrote
     assert max((ws[k] - w[k]).abs().max().item() for k in w) <= 1e-5
     init = M.load("tiny")[0].state_dict()
