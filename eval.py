@@ -116,7 +116,7 @@ PLOT_KEYS = [("reward", "mean episode reward"), ("success", "training success ra
              ("entropy", "entropy (nats/token)"), ("eval_acc", "eval Acc %"), ("eval_comp", "eval Comp %")]
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -132,7 +132,7 @@ def read_jsonl(path):
 
 def plot(metrics_path, out_png=None):
     """Draw the training curves of a metrics.jsonl into one PNG (matplotlib is an optional extra)."""
-    plt = _pyplot()
+    plt = pyplot()
     if not os.path.exists(metrics_path):
         raise SystemExit(f"no such metrics file: {metrics_path}")
     rows = read_jsonl(metrics_path)

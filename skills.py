@@ -481,8 +481,8 @@ class AsyncSummarizer:
     A group still queued when a newer group of the same task is submitted is superseded (cancelled, counted): a
     server slower than the steps then holds at most one queued group per task, not a backlog that grows every step
     and delivers ever older skills. Accounting (self.stats) counts groups: submitted == finished + cancelled +
-    superseded + abandoned + still running, and finished - failed == skills produced. close() returns within about `timeout` seconds: queued groups are
-    cancelled, groups in flight abandoned (their threads are daemons, so neither close() nor the interpreter's
+    superseded + abandoned + still running, and finished - failed == skills produced. close() returns within
+    about `timeout` seconds: queued groups are cancelled, groups in flight abandoned (their threads are daemons, so neither close() nor the interpreter's
     exit, Ctrl-C included, waits for a slow server). With backend "self" the complete() callable runs in a
     worker thread: make it thread-safe, or use sync=True (summarise inside submit()).
     """
@@ -496,7 +496,6 @@ class AsyncSummarizer:
         self.stats = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "superseded": 0, "abandoned": 0}
         self.lock = threading.Lock()
         self.pending, self.ready, self.closed = [], [], False  # futures (one group each) in submission order
-        self.task_of = {}  # pending future -> its group's task id
         self.jobs = queue.SimpleQueue()
         self.threads = [threading.Thread(target=self._worker, name=f"skill-summarizer-{i}", daemon=True)
                         for i in range(0 if sync else workers)]
@@ -543,14 +542,13 @@ class AsyncSummarizer:
             self.ready += self._job(groups, step)
             return
         for g in groups:
-            task = g[0].get("task_id")
-            stale = [f for f in self.pending if task is not None and self.task_of[f] == task and not f.cancelled()
-                     and f.cancel()]  # cancel() is False for a group already in flight
-            with self.lock:
-                self.stats["superseded"] += len(stale)
             fut = concurrent.futures.Future()
+            fut.task_id = g[0].get("task_id")
+            if fut.task_id is not None:  # cancel() is False for a group already in flight
+                stale = [f for f in self.pending if f.task_id == fut.task_id and not f.cancelled() and f.cancel()]
+                with self.lock:
+                    self.stats["superseded"] += len(stale)
             self.pending.append(fut)
-            self.task_of[fut] = task
             self.jobs.put((fut, [g], step))
 
     def collect(self, wait_s=0.0):
@@ -561,7 +559,6 @@ class AsyncSummarizer:
         out, self.ready = self.ready, []
         while self.pending and self.pending[0].done():  # keep submission order: stop at the first unfinished
             fut = self.pending.pop(0)
-            del self.task_of[fut]
             if not fut.cancelled():
                 out += fut.result()
         return out

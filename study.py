@@ -186,7 +186,7 @@ def compare(run_dirs, out_dir):
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table)
     try:
-        plt = E._pyplot()
+        plt = E.pyplot()
     except SystemExit as e:
         print(f"no compare.png: {e}")
         return table

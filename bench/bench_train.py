@@ -18,6 +18,7 @@ for backward (unique storages, parameters excluded), which is what grows with th
 """
 import argparse
 import os
+import re
 import resource
 import sys
 import time
@@ -180,12 +181,10 @@ def main():
     device = torch.device(args.device)
     model = qwen3_06b_shape(device) if args.model == "qwen3-0.6b-shape" else M.load(args.model, device=device)[0]
     model.train()
-    try:
-        settings = [tuple(int(x) for x in g.split("x")) for g in args.settings or
-                    (["4x247", "8x2000"] if args.model != "tiny" else ["4x247", "8x600"])]
-        assert all(len(g) == 2 and min(g) >= 1 for g in settings)
-    except (ValueError, AssertionError):
+    pairs = args.settings or (["4x247", "8x2000"] if args.model != "tiny" else ["4x247", "8x600"])
+    if not all(re.fullmatch(r"[1-9]\d*x[1-9]\d*", g) for g in pairs):
         p.error(f"--settings takes GxPROMPT pairs of positive integers like 8x2000, got {args.settings}")
+    settings = [tuple(int(x) for x in g.split("x")) for g in pairs]
     for G, prompt_len in settings:
         compare(model, device, G, prompt_len, args.skill_tokens, micro_batch=args.micro_batch, repeats=args.repeats,
                 shared_micro_batch=args.shared_micro_batch)

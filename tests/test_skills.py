@@ -531,7 +531,8 @@ def test_async_many_batches_rule():
     assert len(got) == sent - bad and len({s.task_id for s in got}) == len(got)
 
 
-def test_close_abandons_in_flight_and_cancels_queued():
+def blocking_summarizer():
+    """One worker whose summariser holds every request until `gate` is set; `entered` is set once one is in flight."""
     gate, entered = threading.Event(), threading.Event()
 
     def blocking(prompts):
@@ -539,7 +540,11 @@ def test_close_abandons_in_flight_and_cancels_queued():
         gate.wait(30)
         return [json.dumps(VALID)] * len(prompts)
 
-    a = AsyncSummarizer("self", complete=blocking, workers=1)
+    return AsyncSummarizer("self", complete=blocking, workers=1), gate, entered
+
+
+def test_close_abandons_in_flight_and_cancels_queued():
+    a, gate, entered = blocking_summarizer()
     a.submit(groups_of(2), 0)
     entered.wait(30)  # step 0's task 0 is in flight
     for step in range(1, 4):
@@ -846,14 +851,7 @@ def test_rule_on_real_sokoban_facts():
 
 
 def test_a_queued_group_is_superseded_by_a_newer_one_of_its_task():
-    gate, entered = threading.Event(), threading.Event()
-
-    def blocking(prompts):
-        entered.set()
-        gate.wait(30)
-        return [json.dumps(VALID)] * len(prompts)
-
-    a = AsyncSummarizer("self", complete=blocking, workers=1)
+    a, gate, entered = blocking_summarizer()
     a.submit([[episode(None, task_id=7)]], step=0)  # in flight
     entered.wait(30)
     for step in (1, 2, 3):  # queued behind it: each replaces the previous queued group of task 7
