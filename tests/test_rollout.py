@@ -389,7 +389,7 @@ def test_shared_prefix_equals_plain_forward(eos_tiny, micro_batch):
 
 
 FSDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import gc, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 sys.path[:0] = [{root!r}, {tests!r}]
 import model as M, rollout as R
@@ -407,7 +407,10 @@ res = [grpo_sdl_step(model, eps[mine], teacher[mine], torch.tensor([1.0, -1.0]),
 for n, g in res[0].items():
     a, b = g.full_tensor(), res[1][n].full_tensor()
     assert (a - b).abs().max() <= 1e-5 * a.abs().max(), n
-print("fsdp ok", rank)
+print("fsdp ok", rank, flush=True)
+del model, res
+gc.collect()  # the sharded model goes before the process group (train.shutdown: else a rare abort at exit)
+dist.destroy_process_group()
 """
 
 

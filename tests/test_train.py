@@ -214,6 +214,8 @@ import train
 model = train.main(sys.argv[1:])
 if "--fsdp" not in sys.argv:  # a sharded model's weights are checked through its checkpoint
     torch.save(model.state_dict(), sys.argv[sys.argv.index("--out") + 1] + "/rank" + os.environ.get("RANK", "0") + ".pt")
+del model
+train.shutdown()  # as train.py's __main__: the process group goes after the model
 """
 
 
