@@ -14,26 +14,22 @@ if one is in the way, else walk).
 Deliberate simplifications and choices:
 - generate_room follows gym-sokoban 0.0.6's algorithm (random-walk topology, boxes start on their targets,
   depth-first reverse play with pulls, up to 300,000 explored states, score = box swaps x total displacement),
-  including two of its quirks, kept on purpose so levels are distributed like the field's: its recursion
-  passes the parent's `last_pull` on, so in effect every pull counts as a "box swap"; and explored states are
-  keyed by the room grid only (a state first reached deep is never re-expanded from a shallower path).
-  It draws every random number from ONE `random.Random(seed)` through `.random()` only, the one method whose
-  stream Python guarantees across versions, so a seed gives the same level in any process on any machine.
-  A rejected attempt (too little floor, or best score 0) retries with the same generator (gym-sokoban's env
-  also retries); so every seed yields a valid, solvable level.
-- search_depth defaults to 30 (verl-agent's) instead of gym-sokoban's hard-wired 300: shallower reverse play
-  gives shorter puzzles, which suits small models, and keeps generation in milliseconds.
-- Shaped reward replicates gym-sokoban exactly (same float operations in the same order), including its
-  reset value boxes_on_target = 0: a replayed room that starts with a box on a target earns +1 on its first
-  step, as in gym-sokoban.
-- Defaults for the 135M CPU main job: 6x6, 1 box, 5 turns, up to 3 moves per turn. Extra moves in a turn are
-  ignored (info["ignored_actions"]); once solved, the rest of the turn is skipped.
-- Any unparsable turn (a word that is not a move, no moves at all) is a no-op: the room does not change and
-  the turn counts. format_penalty defaults to -0.1 with reward="shaped" and to 0.0 with reward="completion"
-  (the contract: completion steps return 0 until the done step).
+  with two of its quirks kept so levels are distributed like the field's: its recursion passes the parent's
+  `last_pull` on (every pull counts as a "box swap"), and explored states are keyed by the room grid only (a
+  state first reached deep is never re-expanded from a shallower path). Every random number comes from ONE
+  `random.Random(seed)` through `.random()`, the one stream Python keeps across versions, so a seed gives the
+  same level on any machine. A rejected attempt retries with the same generator: every seed yields a level.
+- search_depth defaults to 30 (verl-agent's), not gym-sokoban's hard-wired 300: shorter puzzles, which suit
+  small models, generated in milliseconds.
+- The shaped reward replicates gym-sokoban's float operations in order, including its reset value
+  boxes_on_target = 0 (a replayed room starting with a box on a target earns +1 on its first step).
+- Defaults for the 135M CPU main job: 6x6, 1 box, 5 turns, up to 3 moves per turn; extra moves are ignored
+  (info["ignored_actions"]); once solved, the rest of the turn is skipped.
+- An unparsable turn is a no-op that still counts. format_penalty defaults to -0.1 with reward="shaped" and to
+  0.0 with reward="completion" (completion steps return 0 until the done step).
 - "sokoban-paper" is the paper's setting as a second-hand reading guide gives it (6x6, 2 boxes, 96 training and
-  64 test levels, at most 40 moves, curriculum): our generator (search depth 30, like every other env here), so
-  its levels need 2 to 18 moves, not necessarily the paper's levels. The curriculum schedule is ours.
+  64 test levels, at most 40 moves, curriculum) on our generator: its levels need 2 to 18 moves and are not
+  necessarily the paper's. The curriculum schedule is ours.
 - The AppWorld adapter has NOT been run against real AppWorld (its data cannot be downloaded here); it is
   written against the appworld 0.1.x API and tested with a stand-in world object.
 """

@@ -10,32 +10,25 @@ S columns in use after the current block, W columns in the block being written, 
 P distinct prompts, G samples per prompt, Lp longest shared prefix.
 
 Deliberate simplifications:
-- One shared write cursor: each forward writes W columns for every row, padding columns are masked out.
-  Padding therefore costs cache columns; when the cache is full, or finished episodes leave (at turn
-  boundaries), each row's real columns are packed together, so the cache holds about as many columns as the
-  longest episode has tokens.
-- Rows that ended their turn early keep riding along (as masked padding) until the slowest row of the turn is
-  done (a decode step costs nearly the same for 8 rows as for 4: skinny matmuls); rows whose episode ended are
-  dropped from the batch at the turn boundary, so they stop costing compute.
-- The cache doubles when full. An episode that would pass max_len tokens (default: the model's
-  max_position_embeddings) is cut and flagged `truncated` (a cut mid-turn keeps its sampled tokens but is not
-  sent to the env); the other episodes go on.
-- Log-probs are recorded under the tempered model, log softmax(logits / temperature) over the full vocabulary
-  (the raw model at temperature 0 or 1): the policy that actually drew the tokens, and exactly what the trainer
-  recomputes from hidden / temperature, so on-policy importance ratios are 1 and the SDL estimator stays
-  unbiased. Top-p and min_new_tokens only change which token is drawn (top-p < 1 makes sampling slightly
-  off-policy with respect to the recorded log-probs).
-- Observations are wrapped with pieces of the tokenizer's own chat template (see `template_pieces`), found once
-  by rendering sentinel conversations. The appended ids equal what the template renders for the whole
-  conversation, except at the prompt/response boundary, where re-tokenizing text could merge tokens
-  differently (which is why nothing is ever re-tokenized). Templates that rewrite earlier turns (e.g. Qwen3
-  thinking) are rejected with a clear error.
-- `max_turns` reached without the env being done ends the episode without `truncated`.
-- `sampled_hidden` shares only whole prompts (episodes identical up to their first sampled token), one level:
-  prompts that share just their beginning (the same rules over different maps) are not split into a tree, and a
-  group split over micro-batches runs its prompt once per micro-batch. The prefix pass runs the last layer's
-  MLP at every prefix position though only the last one is read (1/L of the prefix's forward). Two forward
-  calls per micro-batch cost host time: on a GPU with a small model that can eat the saving.
+- One shared write cursor: each forward writes W columns for every row, padding columns masked out. When the
+  cache is full, or finished episodes leave (at turn boundaries), each row's real columns are packed together,
+  so the cache holds about as many columns as the longest episode has tokens; if still short, it doubles.
+- Rows that ended their turn early ride along as masked padding until the slowest row is done (a decode step
+  costs nearly the same for 8 rows as for 4); rows whose episode ended leave the batch at the turn boundary.
+- An episode that would pass max_len tokens (default: the model's max_position_embeddings) is cut and flagged
+  `truncated` (a cut mid-turn keeps its sampled tokens but is not sent to the env); the others go on.
+  `max_turns` reached without the env being done ends the episode without `truncated`.
+- Log-probs are those of the tempered model, log softmax(logits / temperature) over the full vocabulary: the
+  policy that drew the tokens, and exactly what the trainer recomputes, so on-policy ratios are 1. Top-p and
+  min_new_tokens only change which token is drawn (top-p < 1 is slightly off-policy).
+- Observations are wrapped with pieces of the tokenizer's own chat template (`template_pieces`). The ids equal
+  what the template renders for the whole conversation, except at the prompt/response boundary, where
+  re-tokenizing could merge tokens differently (why nothing is re-tokenized). Templates that rewrite earlier
+  turns (e.g. Qwen3 thinking) are rejected.
+- `sampled_hidden` shares only whole prompts (episodes identical up to their first sampled token), one level,
+  once per micro-batch. The prefix pass runs the last layer's MLP at every prefix position though only the
+  last is read. Two forward calls per micro-batch cost host time: on a GPU with a small model that can eat the
+  saving.
 """
 from dataclasses import dataclass, field, replace
 

@@ -55,10 +55,6 @@ class Skill:
     general: list = field(default_factory=list)  # [success, mistake, workflow] with nothing level-specific: the pool's
     scope: str = "task"     # "task": this task's own skill; "pool": a level-agnostic skill from another task
 
-    @property
-    def mean(self):
-        return self.value_sum / self.pulls if self.pulls else 0.0
-
     def key(self):
         """Normalised text of the three fields: the de-duplication key."""
         return "\n".join(" ".join(getattr(self, f).lower().split()) for f in FIELDS)
@@ -457,7 +453,6 @@ def summarize(groups, backend="rule", step=0, complete=None, model=None, stats=N
                     _count(stats, f"replies_{mode}")
                     _count(stats, f"parsed_{mode}", s is not None)
                     _count(stats, "parse_failures", s is None)
-            for s in out:
                 if s is not None:
                     s.general = _general_of(s)
     except Exception as e:  # a broken backend costs skills, never the training run
@@ -475,16 +470,15 @@ def summarize(groups, backend="rule", step=0, complete=None, model=None, stats=N
 
 
 class AsyncSummarizer:
-    """A few daemon worker threads around summarize(): submit() only enqueues (one job per group, so `workers`
-    requests are in flight at once); collect() returns what has finished, in submission order.
+    """Daemon worker threads around summarize(): submit() only enqueues (one job per group, `workers` in flight);
+    collect() returns what has finished, in submission order.
 
-    A group still queued when a newer group of the same task is submitted is superseded (cancelled, counted): a
-    server slower than the steps then holds at most one queued group per task, not a backlog that grows every step
-    and delivers ever older skills. Accounting (self.stats) counts groups: submitted == finished + cancelled +
-    superseded + abandoned + still running, and finished - failed == skills produced. close() returns within
-    about `timeout` seconds: queued groups are cancelled, groups in flight abandoned (their threads are daemons, so neither close() nor the interpreter's
-    exit, Ctrl-C included, waits for a slow server). With backend "self" the complete() callable runs in a
-    worker thread: make it thread-safe, or use sync=True (summarise inside submit()).
+    A group still queued when a newer group of the same task arrives is superseded (cancelled, counted), so a
+    slow server holds at most one queued group per task instead of a backlog of ever older skills. self.stats
+    counts groups: submitted == finished + cancelled + superseded + abandoned + running; finished - failed ==
+    skills. close() cancels queued groups and abandons those in flight (daemon threads: neither close() nor the
+    exit waits for a slow server). Backend "self" runs complete() in a worker thread: make it thread-safe, or
+    use sync=True (summarise inside submit()).
     """
 
     def __init__(self, backend="rule", complete=None, workers=2, sync=False, **kw):
@@ -586,23 +580,18 @@ class AsyncSummarizer:
 class SkillBank:
     """Skills kept per task (capacity_per_task each), level-agnostic skills in an environment-wide pool, UCB1.
 
-    Arm reward (what train.py passes to update): for skill-sd, the within-group Pearson correlation between the
-    advantages A_i and the per-episode mean teacher-minus-student log-prob gap (in [-1, 1]: does the
-    skill-conditioned teacher favour the above-average episodes?); for skill-aug-grpo, the group's mean reward.
-    UCB1 with a finite prior: each arm starts with `prior_pulls` pseudo-pulls at arm reward `prior`, so
+    Arm reward (train.arm_rewards): for skill-sd the within-group correlation of the advantages with the
+    teacher-minus-student gap, in [-1, 1]; for skill-aug-grpo the group's mean reward. UCB1 with a finite prior:
         n = prior_pulls + pulls,  mean = (prior * prior_pulls + value_sum) / n,  score = mean + c * sqrt(ln N / n)
-    with N = sum of n over the candidate arms; ties: the older skill, then a seeded order (same on every rank).
-    Why a prior instead of "untried arms first": a new skill arrives on every visit of a task, so untried-first
-    would always pick the newest and no arm would ever be tried twice. Defaults c = 0.2, prior_pulls = 2 at prior
-    0 (neutral), chosen by replaying train.py's order with null arms of sd 0.58 (that of a G = 4 Pearson
-    correlation under no effect) and one better arm: two pseudo-pulls halve the weight of one lucky pull, and
-    with ~12 pulls in a list a fresh arm scores 0.2 * sqrt(ln 12 / 2) = 0.22, so a skill whose mean correlation
-    stays above ~0.2 keeps winning while one at ~0 loses to the next fresh skill.
-    Pending: select() marks its pick pending until update() or release(); a pending arm is never evicted, so
-    every selection gets its arm reward. Eviction when a list (or the pool) is full: among arms not pending
-    (the newcomer included), the one ranked last by select's own key (lowest UCB score now; on ties the newest).
-    That is the arm UCB is least likely to pick next: an arm's score only falls when it is pulled.
-    De-duplication: a skill whose normalised text equals one already in its task list (pool) is not added there.
+    with N = the sum of n over the candidates; ties: the older skill, then a seeded order (same on every rank).
+    Why a prior, not "untried arms first": a new skill arrives at every visit, so untried-first always picks the
+    newest. c = 0.2 and 2 pseudo-pulls at 0 come from replaying train.py's order with null arms of sd 0.58 (a
+    G = 4 correlation under no effect) and one better arm: with ~12 pulls in a list a fresh arm scores
+    0.2 * sqrt(ln 12 / 2) = 0.22, so a skill whose mean stays above ~0.2 keeps winning, one at ~0 does not.
+    A pick stays pending until update() or release() and is never evicted, so every selection gets its arm
+    reward. Eviction from a full list: among arms not pending, the one ranked last by select's own key (lowest
+    score; on ties the newest): the arm UCB is least likely to pick next, as a score only falls when pulled.
+    A skill whose normalised text is already in its task list (pool) is not added there again.
     """
 
     COUNTERS = ("selects", "hits", "fallbacks", "ucb_picks", "added", "duplicates", "evictions", "updates", "releases")

@@ -63,47 +63,36 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--method", default="skill-sd", choices=list(METHODS),
-                   help="skill-sd = GRPO + lam*SDL; grpo; opd = SDL only; skill-aug-grpo = GRPO with the skill in "
-                        "the student's prompt (evaluated without it)")
+                   help="skill-sd = GRPO + lam*SDL; grpo; opd = SDL only; skill-aug-grpo = GRPO, skill in the prompt")
     g.add_argument("--lam", type=float, default=None,
-                   help="weight lambda of the SDL term (default: 0.001 for skill-sd, the paper's best; 1 for opd, "
-                        "where it is the only term)")
+                   help="SDL weight lambda (default: 0.001, the paper's best, for skill-sd; 1 for opd)")
     g.add_argument("--teacher", default="dynamic", choices=["dynamic", "frozen"],
                    help="dynamic: teacher synced from the student; frozen: teacher keeps the initial weights")
     g.add_argument("--teacher-sync-every", type=int, default=1,
-                   help="dynamic teacher: copy the student into the teacher every K steps (1 = the current "
-                        "pre-update weights, no extra copy)")
+                   help="dynamic teacher: copy the student into it every K steps (1: the student itself, no copy)")
     g.add_argument("--rollout-owner", default="student", choices=["student", "teacher"],
-                   help="who plays the episodes: the student (plain prompt) or the skill-conditioned teacher "
-                        "(the paper's off-policy ablation)")
+                   help="who plays: the student (plain prompt) or the teacher (the paper's off-policy ablation)")
     g.add_argument("--eps-low", type=float, default=0.2, help="GRPO lower clip: ratio >= 1 - eps_low")
     g.add_argument("--eps-high", type=float, default=0.28, help="GRPO upper clip: ratio <= 1 + eps_high")
     g.add_argument("--summarizer", default="rule",
-                   help="skill summariser: rule (deterministic, offline), self (the policy), or openai:BASE_URL "
-                        "(model from --summarizer-model, key from $OPENAI_API_KEY)")
+                   help="rule (deterministic, offline), self (the policy) or openai:BASE_URL ($OPENAI_API_KEY)")
     g.add_argument("--summarizer-model", default=None, help="model name for an openai: summariser")
     g.add_argument("--skill-file", default=None,
-                   help="a JSON skill (success_analysis, mistake_analysis, golden_workflow) used for every task "
-                        "instead of the learned bank (static skills)")
+                   help="one JSON skill (the three fields) for every task instead of the bank (static skills)")
     g.add_argument("--ucb-c", type=float, default=0.2,
-                   help="UCB exploration constant, in units of the arm reward (a within-group correlation in [-1, 1] "
-                        "for the teacher methods; see skills.SkillBank for why 0.2)")
+                   help="UCB exploration constant in arm-reward units (see skills.SkillBank for why 0.2)")
     g.add_argument("--skill-fallback", default="none", choices=["none", "pool"],
-                   help="a task with no skill of its own yet: none = no distillation signal for it (the paper's "
-                        "per-task bank); pool = a level-agnostic skill from other levels, labelled as such in the "
-                        "teacher prompt, without a move list")
+                   help="a task without a skill yet: none = not distilled (the paper's per-task bank); pool = a "
+                        "level-agnostic skill from other levels, labelled so, without moves")
     g.add_argument("--sdl-estimator", default="k3", choices=["k3", "full"],
-                   help="distillation estimator: k3 = the paper's sampled-token rho*(e^-l - 1 + l); full = the exact "
-                        "reverse KL over the whole vocabulary at each sampled position (its average over the sampled "
-                        "token: same expected gradient, no sampling noise; more head matmuls)")
+                   help="k3 = the paper's sampled-token rho*(e^-l - 1 + l); full = the exact reverse KL over the "
+                        "vocabulary at each sampled position (same expected gradient, no sampling noise)")
     g.add_argument("--summarizer-wait", type=float, default=0.0,
-                   help="seconds a step may wait for pending summaries before using the bank (0 = never wait: "
-                        "the paper's asynchronous design, skills arrive at later steps; only matters for openai:)")
+                   help="openai: seconds a step may wait for pending summaries (0: skills arrive at later steps)")
     g.add_argument("--summarizer-workers", type=int, default=2,
                    help="openai: summariser requests in flight at once (one task group each)")
     g.add_argument("--no-structured-output", action="store_true",
-                   help="openai: summariser: ask for plain text instead of the skill's JSON schema (structured output "
-                        "is negotiated: json_schema, then json_object with a schema, then text)")
+                   help="openai: ask for plain text, not JSON output (negotiated: json_schema, json_object, text)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -114,49 +103,37 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=4, help="episodes per forward/backward")
     g.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the fused log-prob kernel")
     g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
-                   help="score each group's shared prompt once, for the student and the teacher, instead of once per "
-                        "episode of a micro-batch (same values and gradients up to float rounding; largest saving "
-                        "when --micro-batch is a multiple of --group-size); --no-shared-prefix runs the plain "
-                        "full forward. Saves compute on CPU and memory everywhere; on a GPU with a small model the "
-                        "step is host-bound and can be slower (README)")
+                   help="run each group's shared prompt once per micro-batch, not once per episode (same gradients up "
+                        "to rounding; saves compute on CPU and memory everywhere; README for GPU timings)")
     g.add_argument("--tf32-grads", action="store_true",
-                   help="CUDA: run the LM-head gradient matmuls of the fused kernel on TF32 tensor cores (log-probs "
-                        "stay exact fp32; gradients carry ~5e-4 relative rounding); no effect on CPU")
+                   help="CUDA: LM-head gradient matmuls on TF32 (log-probs stay fp32; ~5e-4 gradient rounding)")
     g.add_argument("--fsdp", action="store_true",
-                   help="shard weights, gradients and optimizer state over ranks (FSDP2 fully_shard) for models "
-                        "whose training state does not fit replicated; sampling gathers the full weights once")
+                   help="shard weights, gradients and optimizer state over ranks (FSDP2) when they do not fit")
     g = p.add_argument_group("rollouts")
     g.add_argument("--env", default="sokoban",
-                   help="environment (envs.make_env): sokoban (6x6, 1 box), sokoban-paper (the paper's 6x6, 2 boxes, "
-                        "96 training levels ordered by difficulty, 64 test levels, 10 turns x 4 moves), "
-                        "sokoban-8x8-2, appworld")
+                   help="sokoban (6x6, 1 box), sokoban-paper (6x6, 2 boxes, 96 training levels easiest first, 64 "
+                        "test levels, 10 turns x 4 moves), sokoban-8x8-2, appworld")
     g.add_argument("--train-tasks", type=int, default=16,
-                   help="size of the fixed training set (its first N puzzles; for sokoban-paper the N easiest). "
-                        "Skills are kept per task, so a task must come back to be distilled: 16 makes each task of "
-                        "the 24-step demo return ~3 times; the paper setting uses all 96 (docs/study)")
+                   help="training set size (its first N levels). Skills are per task, so tasks must come back: 16 "
+                        "brings each back ~3 times in the 24-step demo; the paper setting uses 96")
     g.add_argument("--curriculum-start", type=float, default=1.0,
-                   help="fraction of the training set eligible at step 0 (its first = easiest levels where the set "
-                        "is ordered by difficulty, as sokoban-paper's), growing linearly to all of it at "
-                        "--curriculum-full-at x --steps (envs.curriculum); 1 = no curriculum")
+                   help="fraction of the (easiest-first) training set eligible at step 0, growing linearly to all "
+                        "of it at --curriculum-full-at x --steps; 1 = no curriculum")
     g.add_argument("--curriculum-full-at", type=float, default=0.5,
                    help="fraction of the run from which every training level is eligible")
     g.add_argument("--reward", default="completion", choices=["completion", "shaped"],
-                   help="Sokoban reward: completion = fraction of boxes on targets at the end (the paper's); "
-                        "shaped = gym-sokoban's per-move reward (-0.1 a move, +-1 a box on/off a target, +10 solved)")
+                   help="completion = fraction of boxes on targets at the end (the paper's); shaped = gym-sokoban's")
     g.add_argument("--max-turns", type=int, default=3, help="turns per episode")
     g.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
-                   help="Sokoban answer parsing: strict = only <action>..</action> (the field's format); lenient = "
-                        "also move words anywhere in the text (the default, for the 135M CPU demo model, which "
-                        "cannot keep the format; use strict at scale)")
+                   help="strict = only <action>..</action>; lenient = also move words anywhere (for the 135M demo "
+                        "model, which cannot keep the format; use strict at scale)")
     g.add_argument("--max-new-tokens", type=int, default=24, help="token budget per model turn")
     g.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature for training rollouts (0.7 keeps the 135M demo model coherent); the "
-                        "policy trained, distilled and scored is the tempered one, softmax(logits / T)")
+                   help="rollout temperature; the policy trained and distilled is softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None,
-                   help="most tokens an episode may hold (prompt, turns and observations); an episode that reaches it "
-                        "is cut and flagged truncated, the others go on; the KV cache grows as needed (default and "
-                        "cap: the model's max_position_embeddings)")
+                   help="most tokens an episode may hold; longer ones are cut and flagged truncated (default: the "
+                        "model's max_position_embeddings)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
     g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")
@@ -166,13 +143,12 @@ def parse_args(argv=None):
     g.add_argument("--eval-n", type=int, default=32, help="evaluation puzzles (first n of the fixed eval set)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="checkpoints kept on disk (2: if the newest is damaged, --resume falls back to the one before)")
+                   help="checkpoints kept (2: --resume falls back to the older if the newest is damaged)")
     g.add_argument("--log-episodes", type=int, default=2, help="episodes per step written to episodes.jsonl")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--wandb", default=None, metavar="PROJECT",
-                   help="log metrics, evaluation tables, learning curves and a few episodes to this Weights & Biases "
-                        "project (rank 0; needs `pip install wandb`; WANDB_MODE=offline writes OUT/wandb/ for a "
-                        "later `wandb sync`)")
+                   help="log metrics, evaluations, curves and episodes to this W&B project (pip install wandb; "
+                        "WANDB_MODE=offline writes OUT/wandb/ for `wandb sync`)")
     g.add_argument("--wandb-name", default=None, help="W&B run name (default: W&B's random one)")
     args = p.parse_args(argv)
 
@@ -245,12 +221,8 @@ def allreduce_grads(model, world, fsdp):
     params = [q for q in model.parameters() if q.requires_grad]
     flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in params])
     dist.all_reduce(flat)
-    i = 0
-    for q in params:
-        if q.grad is None:
-            q.grad = torch.empty_like(q)
-        q.grad.copy_(flat[i:i + q.numel()].view_as(q))
-        i += q.numel()
+    for q, g in zip(params, flat.split([q.numel() for q in params])):
+        q.grad = g.view_as(q)  # views of one buffer: no copy back
 
 
 def shard(model):
