@@ -65,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--method", default="skill-sd", choices=list(METHODS),
                    help="skill-sd = GRPO + lam*SDL; grpo; opd = SDL only; skill-aug-grpo = GRPO, skill in the prompt")
     g.add_argument("--lam", type=float, default=None,
-                   help="SDL weight lambda (default: 0.001, the paper's best, for skill-sd; 1 for opd)")
+                   help="SDL weight lambda; None: 0.001 (the paper's best) for skill-sd, 1 for opd")
     g.add_argument("--teacher", default="dynamic", choices=["dynamic", "frozen"],
                    help="dynamic: teacher synced from the student; frozen: teacher keeps the initial weights")
     g.add_argument("--teacher-sync-every", type=int, default=1,
@@ -132,7 +132,7 @@ def parse_args(argv=None):
                    help="rollout temperature; the policy trained and distilled is softmax(logits / T)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None,
-                   help="most tokens an episode may hold; longer ones are cut and flagged truncated (default: the "
+                   help="most tokens an episode may hold; longer ones are cut and flagged truncated (None: the "
                         "model's max_position_embeddings)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
