@@ -583,6 +583,7 @@ def test_ctrl_c_does_not_wait_for_requests_in_flight(tmp_path):
         "import os, signal, socket, sys, threading, time\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "import skills\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job inherits SIG_IGN\n"
         "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()  # accepts, never answers\n"
         "url = 'openai:http://127.0.0.1:%d/v1' % srv.getsockname()[1]\n"
         "a = skills.AsyncSummarizer(url, model='m', workers=2, timeout=60, retries=0)\n"
