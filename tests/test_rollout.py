@@ -389,10 +389,10 @@ def test_shared_prefix_equals_plain_forward(eos_tiny, micro_batch):
 
 
 FSDP_SCRIPT = """
-import gc, sys, torch, torch.distributed as dist
+import sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 sys.path[:0] = [{root!r}, {tests!r}]
-import model as M, rollout as R
+import model as M, rollout as R, train
 from test_rollout import ScriptedEnv, grpo_sdl_step
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -409,8 +409,7 @@ for n, g in res[0].items():
     assert (a - b).abs().max() <= 1e-5 * a.abs().max(), n
 print("fsdp ok", rank, flush=True)
 del model, res
-gc.collect()  # the sharded model goes before the process group (train.shutdown: else a rare abort at exit)
-dist.destroy_process_group()
+train.shutdown()  # the sharded model goes before the process group (else a rare abort at exit)
 """
 
 
