@@ -6,11 +6,6 @@ Every env has the same small interface (what rollout.py and eval.py rely on):
     env.step(text) -> (obs, reward, done, info)      # info: success, completion, invalid, actions
     env.history                                      # per-turn plain dicts (JSON-serialisable)
 
-Sokoban cell codes (gym-sokoban's): 0 wall, 1 floor, 2 target, 3 box on target, 4 box, 5 player.
-Text symbols: '#' wall, '_' floor, 'O' target, 'X' box, '√' box on target, 'P' player, 'S' player on target.
-Actions: Up (-1, 0), Down (+1, 0), Left (0, -1), Right (0, +1); each is gym-sokoban's "push" action (push a box
-if one is in the way, else walk).
-
 Deliberate simplifications and choices:
 - generate_room follows gym-sokoban 0.0.6's algorithm (random-walk topology, boxes start on their targets,
   depth-first reverse play with pulls, up to 300,000 explored states, score = box swaps x total displacement),
@@ -42,16 +37,13 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------------------
 # Level generation (gym-sokoban's algorithm, one seeded generator)
 
-WALL, FLOOR, TARGET, BOX_ON_TARGET, BOX, PLAYER = 0, 1, 2, 3, 4, 5
+WALL, FLOOR, TARGET, BOX_ON_TARGET, BOX, PLAYER = 0, 1, 2, 3, 4, 5  # gym-sokoban's cell codes
 ACTION_NAMES = ("Up", "Down", "Left", "Right")
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # gym-sokoban's CHANGE_COORDINATES, same order
 WALK_DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # gym-sokoban's random-walk directions, same order
-MASKS = [np.array(m) for m in (  # the five 3x3 floor stamps of the random walk
-    [[0, 0, 0], [1, 1, 1], [0, 0, 0]],
-    [[0, 1, 0], [0, 1, 0], [0, 1, 0]],
-    [[0, 0, 0], [1, 1, 0], [0, 1, 0]],
-    [[0, 0, 0], [1, 1, 0], [1, 1, 0]],
-    [[0, 0, 0], [0, 1, 1], [0, 1, 0]])]
+# the five 3x3 floor stamps of the random walk, row by row ("000 111 000": a horizontal bar)
+MASKS = [np.array([[int(ch) for ch in row] for row in m.split()])
+         for m in ("000 111 000", "010 010 010", "000 110 010", "000 110 110", "000 011 010")]
 
 
 def _randbelow(rng, n):
@@ -97,11 +89,8 @@ def _reverse_play(fixed, player, targets, search_depth, max_states=300_000):
         if key in explored:
             continue
         explored.add(key)
-        covered = set(boxes) | {p}
-        if any(t in covered for t in targets):  # score 0 unless every target is visible
-            score = 0
-        else:
-            score = swaps * sum(abs(b // W - t // W) + abs(b % W - t % W) for b, t in zip(boxes, targets))
+        visible = not set(targets) & (set(boxes) | {p})  # score 0 unless every target is visible
+        score = swaps * sum(abs(b // W - t // W) + abs(b % W - t % W) for b, t in zip(boxes, targets)) if visible else 0
         if score > best[0]:
             best = (score, p, boxes)
         children = []
@@ -163,8 +152,7 @@ def solve(room_fixed, room_state, max_depth=100, max_states=2_000_000):
              frozenset(np.flatnonzero(np.isin(state.ravel(), (BOX, BOX_ON_TARGET))).tolist()))
     if targets <= start[1]:
         return []
-    parent = {start: None}
-    frontier = [start]
+    parent, frontier = {start: None}, [start]
     for _ in range(max_depth):
         nxt = []
         for s in frontier:
@@ -208,10 +196,8 @@ _WORD = re.compile(r"\b(up|down|left|right)\b", re.I)
 
 
 def render(room_fixed, room_state):
-    rows = []
-    for fr, sr in zip(np.asarray(room_fixed).tolist(), np.asarray(room_state).tolist()):
-        rows.append("".join("S" if s == PLAYER and f == TARGET else SYMBOLS[s] for f, s in zip(fr, sr)))
-    return "\n".join(rows)
+    return "\n".join("".join("S" if s == PLAYER and f == TARGET else SYMBOLS[s] for f, s in zip(fr, sr))
+                     for fr, sr in zip(np.asarray(room_fixed).tolist(), np.asarray(room_state).tolist()))
 
 
 def parse_actions(text, lenient=False):
@@ -226,9 +212,7 @@ def parse_actions(text, lenient=False):
     names = [_NAMES.get(w.strip(".!:'\"`*()[]").lower()) for w in _SEP.split(body) if w]
     if names and None not in names:
         return names
-    if lenient:
-        return [_NAMES[w.lower()] for w in _WORD.findall(text)] or None
-    return None
+    return ([_NAMES[w.lower()] for w in _WORD.findall(text)] or None) if lenient else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,13 +223,12 @@ class Sokoban:
 
     def __init__(self, dim=(6, 6), num_boxes=1, max_turns=5, max_actions_per_turn=3, reward="completion",
                  search_depth=30, format_penalty=None, parse="strict"):
-        if reward not in ("completion", "shaped"):
-            raise ValueError(f"reward must be 'completion' or 'shaped', got {reward!r}")
-        if parse not in ("strict", "lenient"):
-            raise ValueError(f"parse must be 'strict' or 'lenient', got {parse!r}")
+        if reward not in ("completion", "shaped") or parse not in ("strict", "lenient") or max_turns < 1 \
+                or max_actions_per_turn < 1:
+            raise ValueError(f"need reward 'completion' or 'shaped', parse 'strict' or 'lenient', max_turns >= 1 "
+                             f"and max_actions_per_turn >= 1; got {reward!r}, {parse!r}, {max_turns}, "
+                             f"{max_actions_per_turn}")
         self.lenient = parse == "lenient"
-        if max_turns < 1 or max_actions_per_turn < 1:
-            raise ValueError("max_turns and max_actions_per_turn must be >= 1")
         self.dim, self.num_boxes, self.search_depth = tuple(dim), num_boxes, search_depth
         self.max_turns, self.max_actions_per_turn, self.reward = max_turns, max_actions_per_turn, reward
         self.format_penalty = (-0.1 if reward == "shaped" else 0.0) if format_penalty is None else format_penalty
@@ -311,10 +294,8 @@ class Sokoban:
         return {"player": list(self.player), "boxes": boxes}
 
     def step(self, text):
-        if self.room_state is None:
-            raise RuntimeError("call reset() before step()")
-        if self.done:
-            raise RuntimeError("the episode is done: call reset() to start a new one")
+        if self.room_state is None or self.done:
+            raise RuntimeError("call reset() before step() (and after an episode is done)")
         self.turn += 1
         names = parse_actions(text, self.lenient)
         start = self._snapshot()
@@ -463,8 +444,7 @@ def sokoban_facts(history):
                     facts["boxes_removed"].append(i)
                 if not on_dst and _is_corner(fixed, dr, dc):
                     facts["dead_corner_pushes"].append(i)
-            if cur in seen:
-                facts["repeated_states"] += 1
+            facts["repeated_states"] += cur in seen
             seen.add(cur)
             if cur in path_states:  # back to an earlier state: drop the cycle
                 j = path_states.index(cur)

@@ -1,9 +1,9 @@
 """Evaluate a model on the fixed held-out task set, write a report, and plot training curves.
 
-    python eval.py --model smollm2-135m                  # the base model, greedy, 128 evaluation puzzles
+    python eval.py --model smollm2-135m                  # the base model, greedy, 32 evaluation puzzles
     python eval.py --model runs/default/ckpt-000040      # a checkpoint written by train.py
     python eval.py --model runs/default/ckpt-000040 --split eval train --out runs/default   # + training levels
-    python eval.py --plot runs/default/metrics.jsonl     # training curves to PNG (needs matplotlib)
+    python eval.py --plot runs/default/metrics.jsonl     # training curves to PNG
 
 Metrics (Sokoban): Acc = % of puzzles solved, Comp = mean % of boxes on targets at the end, mean turns,
 invalid-output rate (turns whose answer could not be parsed), and on solved puzzles the ratio of moves taken to
@@ -18,6 +18,7 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import envs
 import rollout
@@ -44,13 +45,10 @@ def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temp
     make_env = lambda: envs.make_env(env_name, **env_kwargs)  # noqa: E731
     max_turns = make_env().max_turns
     chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    if progress:
-        from tqdm import tqdm
-        chunks = tqdm(chunks, desc="eval", unit="batch", dynamic_ncols=True)
     results = []
-    for chunk in chunks:
+    for chunk in tqdm(chunks, desc="eval", unit="batch", dynamic_ncols=True, disable=not progress):
         eps = rollout.rollout(model, tokenizer, make_env, list(chunk), group_size=1, max_turns=max_turns,
-                        max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
+                              max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
         results += [episode_result(ep, make_env, sokoban=env_name.startswith("sokoban")) for ep in eps]
     return results
 
@@ -82,8 +80,7 @@ def summarize(results):
            "mean_reward": sum(r["reward"] for r in results) / n}
     if all("invalid_turns" in r for r in results) and turns:
         out["invalid_rate"] = sum(r["invalid_turns"] for r in results) / turns
-    ratios = [r["moves"] / r["optimal_moves"] for r in results
-              if r["success"] and r.get("optimal_moves")]
+    ratios = [r["moves"] / r["optimal_moves"] for r in results if r["success"] and r.get("optimal_moves")]
     out["opt_ratio"] = sum(ratios) / len(ratios) if ratios else None
     return out
 
@@ -117,12 +114,9 @@ PLOT_KEYS = [("reward", "mean episode reward"), ("success", "training success ra
 
 
 def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plotting needs matplotlib, an optional extra: pip install matplotlib")
+    import matplotlib  # in requirements.txt; imported here so that evaluation alone never loads it
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
     return plt
 
 
@@ -131,7 +125,7 @@ def read_jsonl(path):
 
 
 def plot(metrics_path, out_png=None):
-    """Draw the training curves of a metrics.jsonl into one PNG (matplotlib is an optional extra)."""
+    """Draw the training curves of a metrics.jsonl into one PNG."""
     plt = pyplot()
     if not os.path.exists(metrics_path):
         raise SystemExit(f"no such metrics file: {metrics_path}")
@@ -145,8 +139,7 @@ def plot(metrics_path, out_png=None):
     for ax, (k, title) in zip(axes.flat, keys):
         pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
@@ -183,14 +176,11 @@ def main(argv=None):
     if args.plot:
         print("wrote", plot(args.plot))
         return
-    if args.n < 1 or (args.train_n is not None and args.train_n < 1):
-        p.error("--n and --train-n must be >= 1")
-    try:
+    try:  # task_set refuses --n / --train-n outside 1..size of the set
         seeds = {s: envs.task_set(s, args.n if s == "eval" else args.train_n, env=args.env) for s in args.split}
         model, tok = load_model(args.model, device=args.device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    model.eval()
     for split in dict.fromkeys(args.split):
         with torch.no_grad(), autocast(args.device):
             results = evaluate(model, tok, args.env, seeds[split], args.max_new_tokens, env_overrides(args, split),

@@ -13,10 +13,6 @@ Deliberate simplifications:
 - The fused kernels upcast to fp32 (fp64 stays fp64) once per call: the weight is copied to fp32 when it is
   bf16 and grad_weight is accumulated in fp32, so bf16 runs hold two fp32 (V, C) tensors besides the chunk.
 - Custom backward passes are first-order only (once_differentiable); no double backward.
-- reverse_kl_full treats the teacher as a fixed target: gradient reaches h_student and weight only through
-  pi_student, never through the teacher's logits (like logp_teacher being detached in sdl_loss).
-- sdl_full_loss is per position, like sdl_loss: neither corrects the state distribution (positions are visited
-  under pi_old; that would take a product of earlier ratios), nor counts a token's effect on later KLs.
 - tf32_grads=True runs only the backward's two gradient matmuls on TF32 tensor cores (CUDA; CPU matmuls ignore
   the flag): log-probs, the recomputed softmax and the fp32 accumulation stay exact, gradients carry TF32 rounding.
 """
@@ -41,8 +37,7 @@ def group_advantages(rewards, eps=1e-6):
     rewards = torch.as_tensor(rewards)
     if rewards.dim() != 2 or rewards.numel() == 0:
         raise ValueError(f"rewards must be a non-empty (P, G) tensor, got shape {tuple(rewards.shape)}")
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
     mean = rewards.mean(1, keepdim=True)                      # (P, 1)
     std = rewards.std(1, unbiased=False, keepdim=True)        # (P, 1) population std (divide by G, not G - 1)
     zero_var = rewards.amax(1) == rewards.amin(1)             # (P,) exact test: the mean of equal floats may be off by 1 ulp
@@ -119,7 +114,8 @@ def sdl_full_loss(hs, weight, hs_teacher, teacher_weight, mask, num_tokens=None,
     summing over every y leaves nothing to correct: E_{y ~ pi_old}[rho k3] = KL and E[rho l grad logp] = grad KL
     at s_n, for any theta (tests/test_losses.py). So this is sdl_loss averaged over the sampled token, same
     expected value and gradient, no sampling noise. A rho of the sampled token here would only add the zero-mean
-    term KL grad logp(y); correcting the positions' distribution would need the product of earlier ratios."""
+    term KL grad logp(y). Per position, like sdl_loss: the positions' distribution is not corrected (that needs a
+    product of earlier ratios), nor is a token's effect on later KLs counted."""
     _check_kernel(hs, weight, chunk_size, h_teacher=hs_teacher)
     if not torch.is_tensor(mask) or mask.shape != hs.shape[:1]:
         raise ValueError(f"mask must be a tensor of shape ({hs.shape[0]},), one weight per row of hs, got "
@@ -283,10 +279,9 @@ def reverse_kl_full(h_student, h_teacher, weight, chunk_size=1024, weight_teache
 def token_entropy(hidden, weight, chunk_size=1024):
     """Entropy of softmax(hidden @ weight.T) per row -> (N,), chunked, no grad (a metric)."""
     _check_kernel(hidden, weight, chunk_size)
-    cd = _cdtype(hidden.dtype)
-    W = weight.to(cd)
-    ent = torch.empty(hidden.shape[0], dtype=cd, device=hidden.device)
+    W = weight.to(_cdtype(hidden.dtype))
+    ent = torch.empty(hidden.shape[0], dtype=W.dtype, device=hidden.device)
     for i in range(0, hidden.shape[0], chunk_size):
-        logp = torch.log_softmax(torch.mm(hidden[i:i + chunk_size].to(cd), W.t()), 1)  # (n, V)
+        logp = torch.log_softmax(torch.mm(hidden[i:i + chunk_size].to(W.dtype), W.t()), 1)  # (n, V)
         ent[i:i + chunk_size] = -(logp.exp() * logp).sum(1)
     return ent

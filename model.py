@@ -56,10 +56,8 @@ class Config:
 
 def autocast(device):
     """bf16 autocast on CUDA (weights stay fp32); a no-op on CPU, where bf16 is ~100x slower."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -301,12 +299,10 @@ def init_weights(model, seed):
 
 def tiny(seed=0):
     tok = byte_tokenizer()
-    cfg = Config(vocab_size=len(tok), hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                 intermediate_size=128, max_position_embeddings=8192, tie_word_embeddings=True)
+    cfg = Config(vocab_size=len(tok), max_position_embeddings=8192)  # the other defaults are the tiny shape
     with torch.device("meta"):  # no init work, no global RNG use
         model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    init_weights(model, seed)
+    init_weights(model.to_empty(device="cpu"), seed)
     return model, tok
 
 
@@ -404,8 +400,7 @@ def from_hf_state(d, state):
 def load_folder(folder, trust_remote_code=False):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
-    with open(os.path.join(folder, "config.json")) as f:
-        d = json.load(f)
+    d = json.load(open(os.path.join(folder, "config.json")))
     config_from_hf(d)  # fail on an unsupported architecture before reading gigabytes
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))  # one file or shards
     if not files:

@@ -33,6 +33,7 @@ Deliberate simplifications:
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from model import autocast
 
@@ -51,24 +52,16 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of the next token
         self.cursor, self.block = 0, (0, 0)  # block: the columns prepare() opened, which update() fills
 
-    @property
-    def batch(self):
-        return self.k.shape[1]
-
-    @property
-    def capacity(self):
-        return self.k.shape[3]
-
     def prepare(self, valid):
         """Open a block of W columns at the cursor for `valid` (B, W), True = real token; return its RoPE
         positions (B, W) and attention mask (B, 1, W, S), True = attend. In order: make room, record the block
         (update() writes into self.block), advance each row's next position, build the mask."""
-        if valid.ndim != 2 or valid.shape[0] != self.batch:
-            raise ValueError(f"valid must be (B={self.batch}, W) bool, got {tuple(valid.shape)}")
-        W = valid.shape[1]
-        if self.cursor + W > self.capacity:  # full: pack the rows' real columns, and double if still short
+        (B, T), W = self.valid.shape, valid.shape[-1]
+        if valid.ndim != 2 or valid.shape[0] != B:
+            raise ValueError(f"valid must be (B={B}, W) bool, got {tuple(valid.shape)}")
+        if self.cursor + W > T:  # full: pack the rows' real columns, and double if still short
             n = int(self.valid[:, :self.cursor].sum(1).max())
-            self.select(range(self.batch), self.capacity if n + W <= self.capacity else max(2 * self.capacity, n + W))
+            self.select(range(B), T if n + W <= T else max(2 * T, n + W))
         start, end = self.cursor, self.cursor + W
         self.cursor, self.block = end, (start, end)  # the columns update() fills, layer by layer
         self.valid[:, start:end] = valid
@@ -87,29 +80,17 @@ class KVCache:
         self.v[i, :, :, start:end] = v
         return self.k[i, :, :, :end], self.v[i, :, :, :end]
 
-    def repeat(self, G):
-        """Repeat every row G times in place (row p -> rows p*G .. p*G+G-1): prefill P prompts once, sample P*G."""
-        if G == 1:
-            return
-        S, (L, B, H, T, D) = self.cursor, self.k.shape
-        for name in ("k", "v"):
-            new = torch.empty(L, B * G, H, T, D, device=self.k.device, dtype=self.k.dtype)
-            new.view(L, B, G, H, T, D)[..., :S, :] = getattr(self, name)[:, :, None, :, :S]
-            setattr(self, name, new)
-        self.valid = self.valid.repeat_interleave(G, 0)
-        self.next_pos = self.next_pos.repeat_interleave(G, 0)
-
     def select(self, rows, capacity=None):
-        """Keep only `rows` (in that order) and compact: each row's real columns move, in order, to the end of
-        the first n columns (n = the most real tokens of any kept row), its padding before them. Attention does
-        not depend on key order and cached keys carry their RoPE positions, so only memory changes. capacity:
-        columns to allocate (default: as now)."""
+        """Keep only `rows` (in that order; a row listed G times is forked G times) and compact: each row's real
+        columns move, in order, to the end of the first n columns (n = the most real tokens of any kept row), its
+        padding before them. Attention does not depend on key order and cached keys carry their RoPE positions,
+        so only memory changes. capacity: columns to allocate (default: as now)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
         valid = self.valid[rows, :self.cursor]  # (B', S)
         n = int(valid.sum(1).max()) if len(rows) else 0
         # a stable sort puts each row's padding first and keeps its real columns in order; keep the last n
         cols = valid.to(torch.uint8).sort(dim=1, stable=True).indices[:, valid.shape[1] - n:]  # (B', n)
-        (L, _, H, _, D), T = self.k.shape, capacity or self.capacity
+        (L, _, H, _, D), T = self.k.shape, capacity or self.valid.shape[1]
         for name in ("k", "v"):
             new = torch.empty(L, len(rows), H, T, D, device=self.k.device, dtype=self.k.dtype)
             kept = getattr(self, name)[:, rows[:, None], :, cols]  # (B', n, L, H, D): indexed dims come first
@@ -154,9 +135,8 @@ def sample(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     if u is None:
         u = 1.0 - torch.rand(probs.shape[0], generator=generator,
                              device=generator.device if generator is not None else probs.device)
-    u = u[:, None]
     cdf = probs.cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u.to(probs.device) * cdf[:, -1:]).clamp_(max=probs.shape[1] - 1).squeeze(1)
+    tok = torch.searchsorted(cdf, u.to(probs.device)[:, None] * cdf[:, -1:]).clamp_(max=probs.shape[1] - 1).squeeze(1)
     return tok if order is None else order.gather(-1, tok[:, None]).squeeze(1)
 
 
@@ -176,13 +156,10 @@ def _cache_dtype(model):
 
 
 def _left_pad(seqs, pad_id, device):
-    W = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), W), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(seqs), W, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        idx[b, W - len(s):] = torch.tensor(s, dtype=torch.long)
-        valid[b, W - len(s):] = True
-    return idx.to(device), valid.to(device)
+    """(B, W) ids and valid mask, each row's tokens at its right end (sampling continues at a shared cursor)."""
+    pad = lambda x, v: pad_sequence(x, batch_first=True, padding_value=v, padding_side="left").to(device)  # noqa: E731
+    return (pad([torch.tensor(s, dtype=torch.long) for s in seqs], pad_id),
+            pad([torch.ones(len(s), dtype=torch.bool) for s in seqs], False))
 
 
 def _uniforms(gens, active):
@@ -206,10 +183,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
-        draw = logits
-        if t < min_new:  # forced length (benchmarks): forbid eos for the draw only
-            draw = logits.clone()
-            draw[:, eos_id] = float("-inf")
+        # forced length (benchmarks): forbid eos for the draw only
+        draw = logits.index_fill(1, torch.tensor([eos_id], device=dev), float("-inf")) if t < min_new else logits
         u = _uniforms(generator, active).to(dev) if isinstance(generator, list) and temperature > 0 else None
         tok = torch.where(active, sample(draw, temperature, top_p, generator if u is None else None, u), pad_id)
         tok_buf[:, t] = tok
@@ -266,12 +241,10 @@ def template_pieces(tokenizer):
 @torch.no_grad()
 def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_tokens, temperature=1.0,
             top_p=1.0, generator=None, max_len=None, system_prompts=None, min_new_tokens=0):
-    """Play P=len(seeds) tasks x G=group_size samples; returns P*G Episodes, task-major. max_len: the most
-    tokens an episode may hold, prompt, turns and observations together (default and cap: the model's
-    max_position_embeddings); an episode that would pass it is cut and flagged `truncated`, the others go on.
-    min_new_tokens: forbid eos for the first tokens of each turn (benchmarks). generator: one torch.Generator
-    for the batch, or a list of P*G generators, one per episode (task-major), so that each episode's samples do
-    not depend on which other episodes share the batch."""
+    """Play P=len(seeds) tasks x G=group_size samples; returns P*G Episodes, task-major. max_len: see the module
+    docstring (default and cap: max_position_embeddings). min_new_tokens: forbid eos for the first tokens of
+    each turn (benchmarks). generator: one torch.Generator, or P*G of them, one per episode (task-major), so
+    that an episode's samples do not depend on which other episodes share the batch."""
     # 1. check the arguments
     P, G, cfg = len(seeds), group_size, model.config
     if isinstance(generator, list) and len(generator) != P * G:
@@ -299,11 +272,11 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
     if W0 >= max_len:
         raise ValueError(f"prompt of {W0} tokens leaves no room to sample under max_len={max_len}")
 
-    # 3. prefill each distinct prompt once, then fork its cache row G times
+    # 3. prefill each distinct prompt once, then fork its cache row G times (row p -> rows p*G .. p*G+G-1)
     dev = model.head_weight.device
     cache = KVCache(cfg, P, W0 + max_new_tokens, dev, _cache_dtype(model))  # grows when observations arrive
     logits = _forward_last(model, cache, *_left_pad(prompts, pad_id, dev)).repeat_interleave(G, 0)  # (P*G, V)
-    cache.repeat(G)
+    cache.select([p for p in range(P) for _ in range(G)])
     rows = list(range(P * G))  # rows[r] = episode held by cache row r
 
     for turn in range(max_turns):
@@ -393,19 +366,13 @@ def batch_tensors(episodes, pad_id, device="cpu"):
     where tgt was sampled), logp_old (sampler log-prob of tgt), valid (bool, real positions)."""
     if not episodes:
         raise ValueError("batch_tensors needs at least one episode")
-    B, T = len(episodes), max(len(ep.tokens) for ep in episodes) - 1
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    tgt = torch.full((B, T), pad_id, dtype=torch.long)
-    mask, logp_old = torch.zeros(B, T), torch.zeros(B, T)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for b, ep in enumerate(episodes):
-        n = len(ep.tokens) - 1
-        idx[b, :n] = torch.tensor(ep.tokens[:-1])
-        tgt[b, :n] = torch.tensor(ep.tokens[1:])
-        mask[b, :n] = torch.tensor(ep.mask[1:], dtype=torch.float)
-        logp_old[b, :n] = torch.tensor(ep.logprobs[1:], dtype=torch.float)
-        valid[b, :n] = True
-    return {k: v.to(device) for k, v in dict(idx=idx, tgt=tgt, mask=mask, logp_old=logp_old, valid=valid).items()}
+    pad = lambda rows, v, dtype: pad_sequence([torch.tensor(r, dtype=dtype) for r in rows], batch_first=True,  # noqa: E731
+                                              padding_value=v).to(device)
+    return {"idx": pad([ep.tokens[:-1] for ep in episodes], pad_id, torch.long),
+            "tgt": pad([ep.tokens[1:] for ep in episodes], pad_id, torch.long),
+            "mask": pad([ep.mask[1:] for ep in episodes], 0.0, torch.float),
+            "logp_old": pad([ep.logprobs[1:] for ep in episodes], 0.0, torch.float),
+            "valid": pad([[True] * (len(ep.tokens) - 1) for ep in episodes], False, torch.bool)}
 
 
 # ----------------------------------------------------------------------------- scoring: a shared prefix runs once

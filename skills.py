@@ -64,7 +64,7 @@ class Skill:
 # parsing
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', re.S)
-_SPECIAL = re.compile(r'[{}"\']')
+_DECODER = json.JSONDecoder(strict=False)  # raw control characters (newlines) inside strings: llama.cpp's grammar
 
 
 def _repair(s):
@@ -79,24 +79,6 @@ def _repair(s):
         pos = m.end()
     out.append(re.sub(r",\s*([}\]])", r"\1", s[pos:]))
     return "".join(out)
-
-
-def _span(text, start):
-    """End (exclusive) of the balanced {...} starting at text[start], skipping quoted strings; None if unbalanced."""
-    depth, i = 0, start
-    while (m := _SPECIAL.search(text, i)) is not None:  # jump from one brace or quote to the next
-        ch, i = m.group(0), m.start()
-        if ch in "\"'":
-            m = _STRING.match(text, i)
-            if m is None:
-                return None
-            i = m.end()
-            continue
-        depth += 1 if ch == "{" else -1
-        if depth == 0:
-            return i + 1
-        i += 1
-    return None
 
 
 def _to_skill(obj):
@@ -120,20 +102,14 @@ def parse_skill(text):
 
     Tolerates single quotes, trailing commas, raw control characters (newlines) inside strings, extra keys and a
     golden_workflow given as a list of strings.
-    Rejects missing or non-string fields, an empty workflow and fields over MAX_FIELD_CHARS. Never raises.
-    """
+    Rejects missing or non-string fields, an empty workflow and fields over MAX_FIELD_CHARS. Never raises."""
     try:
         if not isinstance(text, str) or len(text) > MAX_PARSE_CHARS:
             return None
-        starts = [m.start() for m in re.finditer(r"\{", text)][:MAX_STARTS]
-        for start in starts:
-            end = _span(text, start)
-            if end is None:
-                continue
-            chunk = text[start:end]
-            for cand in (chunk, _repair(chunk)):
+        for start in [m.start() for m in re.finditer(r"\{", text)][:MAX_STARTS]:
+            for cand in (text[start:], _repair(text[start:])):  # the object must be complete: prose may follow it
                 try:
-                    skill = _to_skill(json.loads(cand, strict=False))  # raw newlines in strings: llama.cpp's grammar
+                    skill = _to_skill(_DECODER.raw_decode(cand)[0])
                 except ValueError:
                     continue
                 if skill is not None:
@@ -190,20 +166,15 @@ def _rule_sokoban(f, fs):
         success = f"Not solved: no box on a target at the end ({turns} turns, {len(acts)} moves)."
     success += (f" Boxes were pushed onto targets by {_moves(placed, acts)}." if placed
                 else " No move pushed a box onto a target.")
-    mistakes = []
-    if corners:
-        mistakes.append(f"{_moves(corners, acts)} pushed a box into a corner that is not a target; a cornered "
-                        "box can never be moved again, so the level became unsolvable (deadlock).")
-    if removed:
-        mistakes.append(f"{_moves(removed, acts)} pushed a box off a target.")
-    if bumps:
-        hit = [i for i, m in enumerate(f.get("moved", [])) if not m]
-        mistakes.append(f"{bumps} move(s) changed nothing (walked into a wall or a blocked box): {_moves(hit, acts)}.")
-    if invalid:
-        mistakes.append(f"{invalid} turn(s) gave output that could not be parsed as actions; each one wasted a turn.")
-    if loops:
-        mistakes.append(f"Earlier positions were revisited {loops} time(s): moves that undo each other "
-                        "waste the move budget.")
+    hit = [i for i, m in enumerate(f.get("moved", [])) if not m]
+    mistakes = [text for seen, text in (
+        (corners, f"{_moves(corners, acts)} pushed a box into a corner that is not a target; a cornered box can "
+                  "never be moved again, so the level became unsolvable (deadlock)."),
+        (removed, f"{_moves(removed, acts)} pushed a box off a target."),
+        (bumps, f"{bumps} move(s) changed nothing (walked into a wall or a blocked box): {_moves(hit, acts)}."),
+        (invalid, f"{invalid} turn(s) gave output that could not be parsed as actions; each one wasted a turn."),
+        (loops, f"Earlier positions were revisited {loops} time(s): moves that undo each other waste the move "
+                "budget.")) if seen]
     if not f.get("success") and not mistakes:
         mistakes.append("No single blunder, but the turn budget ran out before all boxes were on targets.")
     mistake = " ".join(mistakes) if mistakes else "None: every move changed the state and no position repeated."
@@ -221,17 +192,15 @@ def _rule_sokoban(f, fs):
 def _rule_generic(ep):
     turns = ep.get("turns") or []
     resp = [str(t.get("response", "")).strip() for t in turns]
-    state = "succeeded" if ep.get("success") else "failed"
-    success = f"The episode {state} with reward {float(ep.get('reward', 0.0)):g} after {len(turns)} turns."
+    success = (f"The episode {'succeeded' if ep.get('success') else 'failed'} with reward "
+               f"{float(ep.get('reward', 0.0)):g} after {len(turns)} turns.")
     empty = sum(1 for r in resp if not r)
     repeats = sum(1 for a, b in zip(resp, resp[1:]) if a and a == b)
     mistakes = ([f"{empty} turn(s) had an empty response."] if empty else []) + \
                ([f"The same response was repeated {repeats} time(s) in a row."] if repeats else [])
     mistake = " ".join(mistakes) or ("None observed." if ep.get("success") else "The task was not completed.")
-    if ep.get("success") and resp:
-        workflow = " ".join(f"{i + 1}. {r[:200]}" for i, r in enumerate(resp))[:3000]
-    else:
-        workflow = GENERIC_ADVICE
+    workflow = " ".join(f"{i + 1}. {r[:200]}" for i, r in enumerate(resp))[:3000] if ep.get("success") and resp \
+        else GENERIC_ADVICE
     return success, mistake, workflow
 
 
@@ -329,9 +298,8 @@ def _chat(url, model, prompt, stats, fmt, timeout, retries, backoff, max_tokens)
     stored, logged or put in stats."""
     msg = {"model": model, "temperature": 0.0, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]}
     body = json.dumps(msg if fmt is None else {**msg, "response_format": fmt}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+    key = os.environ.get("OPENAI_API_KEY")
+    headers = {"Content-Type": "application/json", **({"Authorization": "Bearer " + key} if key else {})}
     for attempt in range(retries + 1):
         if attempt:
             _count(stats, "retries")
@@ -424,8 +392,7 @@ def summarize(groups, backend="rule", step=0, complete=None, model=None, stats=N
     server accepted, shared across calls by AsyncSummarizer). stats (a dict, updated in place): groups, episodes,
     skills, dropped; for LLM backends parse_failures and replies_MODE / parsed_MODE per output mode (json_schema,
     json_object, text), format (the mode last used), refusals, requests, retries, timeouts, http_errors, errors,
-    last_error.
-    """
+    last_error."""
     groups = check_groups(groups)
     stats = {} if stats is None else stats
     _count(stats, "groups", len(groups))
@@ -478,8 +445,7 @@ class AsyncSummarizer:
     counts groups: submitted == finished + cancelled + superseded + abandoned + running; finished - failed ==
     skills. close() cancels queued groups and abandons those in flight (daemon threads: neither close() nor the
     exit waits for a slow server). Backend "self" runs complete() in a worker thread: make it thread-safe, or
-    use sync=True (summarise inside submit()).
-    """
+    use sync=True (summarise inside submit())."""
 
     def __init__(self, backend="rule", complete=None, workers=2, sync=False, **kw):
         check_backend(backend, complete, kw.get("model"))
@@ -591,22 +557,19 @@ class SkillBank:
     A pick stays pending until update() or release() and is never evicted, so every selection gets its arm
     reward. Eviction from a full list: among arms not pending, the one ranked last by select's own key (lowest
     score; on ties the newest): the arm UCB is least likely to pick next, as a score only falls when pulled.
-    A skill whose normalised text is already in its task list (pool) is not added there again.
-    """
+    A skill whose normalised text is already in its task list (pool) is not added there again."""
 
     COUNTERS = ("selects", "hits", "fallbacks", "ucb_picks", "added", "duplicates", "evictions", "updates", "releases")
 
     def __init__(self, capacity_per_task=4, global_capacity=64, c=0.2, seed=0, prior=0.0, prior_pulls=2.0):
-        if capacity_per_task < 1 or global_capacity < 0:
-            raise ValueError("capacity_per_task must be >= 1 and global_capacity >= 0")
-        if not (c >= 0 and prior_pulls > 0 and math.isfinite(prior) and math.isfinite(prior_pulls)):
-            raise ValueError(f"need c >= 0, prior_pulls > 0 and a finite prior; got c={c}, prior={prior}, "
-                             f"prior_pulls={prior_pulls}")
+        if not (capacity_per_task >= 1 and global_capacity >= 0 and c >= 0 and prior_pulls > 0
+                and math.isfinite(prior) and math.isfinite(prior_pulls)):
+            raise ValueError(f"need capacity_per_task >= 1, global_capacity >= 0, c >= 0, prior_pulls > 0 and a finite "
+                             f"prior; got {capacity_per_task}, {global_capacity}, {c}, {prior_pulls}, {prior}")
         self.capacity_per_task, self.global_capacity, self.c, self.seed = capacity_per_task, global_capacity, c, seed
         self.prior, self.prior_pulls = float(prior), float(prior_pulls)
         self.skills, self.tasks, self.pool = {}, {}, []  # uid -> Skill; str(task_id) -> [uid]; [uid]
-        self.pending = {}  # uid -> selections still waiting for update() or release()
-        self.next_uid = 0
+        self.pending, self.next_uid = {}, 0  # pending: uid -> selections still waiting for update() or release()
         self.counters = dict.fromkeys(self.COUNTERS, 0)
 
     def _scores(self, uids):
@@ -625,8 +588,7 @@ class SkillBank:
         self.skills[skill.uid] = skill
         uids.append(skill.uid)
         while len(uids) > capacity:  # the newcomer is never pending, so there is always a candidate
-            sc = self._scores(uids)
-            uids.remove(min((u for u in uids if not self.pending.get(u)), key=sc.__getitem__))
+            uids.remove(min((u for u in uids if not self.pending.get(u)), key=self._scores(uids).__getitem__))
             self.counters["evictions"] += 1
         return skill.uid in uids
 
@@ -662,8 +624,7 @@ class SkillBank:
             self.counters["fallbacks"] += 1
         else:
             return None
-        sc = self._scores(uids)
-        u = max(uids, key=sc.__getitem__)
+        u = max(uids, key=self._scores(uids).__getitem__)
         self.counters["ucb_picks"] += self.skills[u].pulls > 0  # chosen among tried arms, not a fresh one
         self.pending[u] = self.pending.get(u, 0) + 1
         return self.skills[u]
@@ -747,8 +708,7 @@ def teacher_prompt(skill, task_prompt):
         Golden workflow: Right, Up, Up
         ### End of skill
     A pool skill (scope "pool") comes under "### Skill from other levels (not this one)", its workflow labelled
-    "General workflow", empty fields left out. Only the teacher sees this; the student keeps the plain task prompt.
-    """
+    "General workflow", empty fields left out. Only the teacher sees this; the student keeps the plain task prompt."""
     if skill is None:
         return task_prompt
     pool = skill.scope == "pool"

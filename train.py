@@ -163,10 +163,9 @@ def parse_args(argv=None):
               (args.summarizer_wait >= 0 and args.summarizer_workers >= 1,
                "--summarizer-wait must be >= 0 and --summarizer-workers >= 1"),
               (args.group_size >= 2, "--group-size must be >= 2 (advantages are relative within a group)"),
-              (args.prompts_per_step >= 1 and args.steps >= 0 and args.micro_batch >= 1 and args.keep_checkpoints >= 1,
-               "counts must be positive"),
-              (args.teacher_sync_every >= 1, "--teacher-sync-every must be >= 1"),
-              (1 <= args.train_tasks <= 1_000_000, "--train-tasks must be in 1..1000000"),
+              (min(args.prompts_per_step, args.micro_batch, args.keep_checkpoints, args.teacher_sync_every) >= 1
+               and args.steps >= 0, "--steps must be >= 0; --prompts-per-step, --micro-batch, --keep-checkpoints and "
+                                    "--teacher-sync-every >= 1"),
               (0 < args.curriculum_start <= 1 and 0 <= args.curriculum_full_at <= 1,
                "--curriculum-start must be in (0, 1] and --curriculum-full-at in [0, 1]"),
               (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
@@ -273,24 +272,21 @@ def build(model, use_sdl, args):
     """The teacher, (model, teacher) sharded under --fsdp, and the optimizer. The teacher is None when it is the
     student itself (dynamic, K = 1: the pre-update weights of this step), else a copy refreshed every K steps or
     the initial weights (frozen)."""
-    teacher = None
-    if use_sdl and (args.teacher == "frozen" or args.teacher_sync_every > 1):
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    own = use_sdl and (args.teacher == "frozen" or args.teacher_sync_every > 1)  # a teacher with its own weights
+    teacher = copy.deepcopy(model).requires_grad_(False) if own else None
     if args.fsdp:
         model, teacher = shard(model), teacher and shard(teacher)
+    # no model.train() / model.eval() anywhere: the model has no dropout, so both modes compute the same
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     return model, teacher, opt
 
 
 def play(player, tok, make_env, seeds, generators, args, system_prompts=None):
     """G episodes of each task in one batch, sampled without gradient (student or teacher, plain or skill prompt)."""
-    player.eval()
     with torch.no_grad(), autocast(next(player.parameters()).device):
-        eps = rollout.rollout(player, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, generator=generators,
-                              max_len=args.max_len, system_prompts=system_prompts)
-    player.train()
-    return eps
+        return rollout.rollout(player, tok, make_env, seeds, args.group_size, args.max_turns, args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, generator=generators,
+                               max_len=args.max_len, system_prompts=system_prompts)
 
 
 def episode_dict(ep, env_name, task_prompt):
@@ -311,13 +307,12 @@ def policy_logprobs(model, episodes, pad_id, device, inv_t, args):
                                      tf32_grads=args.tf32_grads), b
 
 
-def teacher_logprobs(t_model, episodes, pad_id, device, inv_t, args):
-    """The teacher's (hidden states / T, log-probs) at every episode's sampled tokens: one (n_i, C) and one (n_i,)
-    tensor per episode, computed in micro-batches without gradient. The hidden states are kept only for
+def teacher_logprobs(t_model, episodes, ids, pad_id, device, inv_t, args):
+    """The teacher's (hidden states / T, log-probs) at every episode's sampled tokens, as two dicts episode id ->
+    (n_i, C) and -> (n_i,), computed in micro-batches without gradient. The hidden states are kept only for
     --sdl-estimator full. The episodes carry the teacher's prompt: `reprompt` swaps only the prompt, so every
     episode keeps its sampled tokens, their order and count, and the flat outputs split back by its own mask."""
     hs_out, logp_out = [], []
-    t_model.eval()
     with torch.no_grad():
         for j in range(0, len(episodes), args.micro_batch):
             chunk = episodes[j:j + args.micro_batch]
@@ -325,8 +320,7 @@ def teacher_logprobs(t_model, episodes, pad_id, device, inv_t, args):
             counts = [sum(e.mask) for e in chunk]
             hs_out += hs.split(counts) if args.sdl_estimator == "full" else [None] * len(chunk)
             logp_out += logp.split(counts)
-    t_model.train()
-    return hs_out, logp_out
+    return dict(zip(ids, hs_out)), dict(zip(ids, logp_out))
 
 
 def sdl_term(logp, hs, b, rows, logp_teacher, hs_teacher, model, teacher, num_tokens, args):
@@ -357,9 +351,7 @@ def optimizer_step(model, opt, world, args):
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # a DTensor under FSDP
     skipped = not math.isfinite(gnorm.item())
-    if skipped:
-        opt.zero_grad(set_to_none=True)
-    else:
+    if not skipped:  # the non-finite gradients are dropped by the next step's zero_grad
         opt.step()
     return gnorm.item(), skipped
 
@@ -441,10 +433,9 @@ def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, sums, use_grpo, us
             "summarizer": total}
 
 
-def peak_memory_gb(device):
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return peak / 2**30
+def peak_memory_gb(device):  # CPU: the process's peak resident set (ru_maxrss is in KiB on Linux)
+    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
 
 
 def write_logs(args, m, step, eps, student_eps, picked, bank, run):
@@ -452,7 +443,15 @@ def write_logs(args, m, step, eps, student_eps, picked, bank, run):
     / sampler log-probs, so anyone can re-score them."""
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(m) + "\n")
-    track(run, m, args.out)
+    if run is not None:  # W&B: the numbers (nested dicts as section/key), and an evaluation step's per-task table
+        import wandb
+        flat = {f"{k}/{kk}" if isinstance(v, dict) else k: vv
+                for k, v in m.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+        row = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
+        if m.get("eval_acc") is not None and os.path.exists(os.path.join(args.out, "eval.json")):
+            results = json.load(open(os.path.join(args.out, "eval.json")))["results"]
+            row["eval/tasks"] = wandb.Table(columns=list(results[0]), data=[list(r.values()) for r in results])
+        run.log(row, step=m["step"])
     bank.save(os.path.join(args.out, "skills.json"))
     G = args.group_size
     with open(os.path.join(args.out, "episodes.jsonl"), "a") as f:
@@ -465,14 +464,9 @@ def write_logs(args, m, step, eps, student_eps, picked, bank, run):
 
 
 def read_skill_file(path):
-    """--skill-file: one static skill for every task (None without the flag)."""
-    if not path:
-        return None
-    try:
-        skill = skills.parse_skill(open(path).read())
-    except OSError as e:
-        raise ValueError(f"cannot read --skill-file: {e}")
-    if skill is None:
+    """--skill-file: one static skill for every task (None without the flag). OSError if it cannot be read."""
+    skill = skills.parse_skill(open(path).read()) if path else None
+    if path and skill is None:
         raise ValueError(f"{path} holds no skill JSON with success_analysis, mistake_analysis, golden_workflow")
     return skill
 
@@ -535,10 +529,10 @@ def save_checkpoint(out, step, model, tok, opt, bank, teacher, extra, args, rank
     plain.load_state_dict(weights, assign=True)
     save_model(plain, tok, tmp)
     crash_point(step, "model")
-    # numpy's state as a tensor: trainer.pt must load with weights_only=True, which refuses numpy arrays
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    # the global RNG streams, though our draws all come from seeded generators (episode_rngs): a fork that draws
+    # from them resumes exactly too. numpy's key array as a list: weights_only loading refuses numpy arrays
+    kind, keys, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), *rest]}
     state = {**extra, "step": step, "optimizer": optim, "args": vars(args), "rng": rng, "teacher": t_weights}
     torch.save(state, os.path.join(tmp, "trainer.pt"))
     crash_point(step, "trainer")
@@ -602,9 +596,7 @@ def load_checkpoint(out, model, opt, teacher, device, rank, world):
     if found is None:
         sys.exit(f"error: --resume but no complete checkpoint in {out}" +
                  "".join(f"; {d}: {why}" for d, why in damaged))
-    for d in os.listdir(out) if rank == 0 else []:  # checkpoints a crash cut off while writing
-        if d.startswith("ckpt-") and d.endswith(".tmp"):
-            shutil.rmtree(os.path.join(out, d))
+    # a ckpt-N.tmp that a crash cut off is never resumed from, and save_checkpoint replaces it when N comes again
     for d, why in damaged:  # rank 0 only
         print(f"warning: checkpoint {d} is damaged ({why}): renamed to {d}.damaged, resuming from {found}", flush=True)
         shutil.rmtree(os.path.join(out, d + ".damaged"), ignore_errors=True)
@@ -623,9 +615,9 @@ def load_checkpoint(out, model, opt, teacher, device, rank, world):
         bank = skills.SkillBank.load(os.path.join(folder, "skills.json"))
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         sys.exit(f"error: {folder} does not fit this run (another --model or --method?): {str(e).splitlines()[0][:200]}")
-    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+    kind, keys, *rest = state["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     random.setstate(state["rng"]["python"])
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["rng"]["torch"])
     if rank == 0:
         for f in ("metrics.jsonl", "episodes.jsonl"):
@@ -673,48 +665,18 @@ def start_run(args, rank, world, device, model):
     return run
 
 
-def track(run, m, out):
-    """One step's numbers (nested dicts as section/key), and the per-task table of an evaluation step."""
-    if run is None:
-        return
-    import wandb
-    flat = {f"{k}/{kk}" if isinstance(v, dict) else k: vv
-            for k, v in m.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
-    row = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
-    if m.get("eval_acc") is not None and os.path.exists(os.path.join(out, "eval.json")):
-        results = json.load(open(os.path.join(out, "eval.json")))["results"]
-        row["eval/tasks"] = wandb.Table(columns=list(results[0]), data=[list(r.values()) for r in results])
-    run.log(row, step=m["step"])
-
-
-def finish_tracker(run, out):
-    """The learning curves (eval.plot's PNG) and the episodes of episodes.jsonl, decoded, then close the run."""
-    if run is None:
-        return
-    import wandb
-    png, eps = os.path.join(out, "metrics.png"), os.path.join(out, "episodes.jsonl")
-    extra = {"curves": wandb.Image(png)} if os.path.exists(png) else {}
-    if os.path.exists(eps):
-        extra["episodes"] = wandb.Table(columns=["step", "task_id", "reward", "success", "skill", "transcript"], data=[
-            [e["step"], e["task_id"], e["reward"], e["success"], e["skill"], "\n\n".join(
-                f"[env] {o}\n\n[model] {r}" for o, r in zip(e["observations"], e["responses"]))]
-            for e in map(json.loads, open(eps))])
-    run.log(extra)
-    run.finish()
-
-
 def run_eval(model, tok, args, rank, world, device, step):
+    """Greedy evaluation on the first --eval-n held-out tasks, split over ranks; rank 0 writes the report.
+    Returns the metrics line's eval_acc, eval_comp and eval_invalid."""
     seeds = envs.task_set("eval", args.eval_n, env=args.env)
-    model.eval()
     with torch.no_grad(), autocast(device), full_weights(model):
         mine = evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_overrides(args, "eval"),
-                          temperature=0.0, seed=args.seed, progress=False)
-    model.train()
+                        temperature=0.0, seed=args.seed)
     results = sorted(sum(all_gather_objects(mine, world), []), key=lambda r: seeds.index(r["task_id"]))
     summary = summarize(results)
     if rank == 0:
         write_report(args.out, f"{args.model} @ step {step} ({args.method}, {args.parse} parsing)", results, summary)
-    return summary
+    return {"eval_acc": summary["acc"], "eval_comp": summary["comp"], "eval_invalid": summary.get("invalid_rate")}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -739,7 +701,6 @@ def main(argv=None):
         fixed_skill = read_skill_file(args.skill_file)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    model.train()
     pad_id = tok.pad_token_id
     model, teacher, opt = build(model, use_sdl, args)
     bank = skills.SkillBank(c=args.ucb_c, seed=args.seed)
@@ -799,8 +760,7 @@ def main(argv=None):
             distilled = [i for i in range(len(eps)) if picked[i // G] is not None] if use_sdl else []
             t_eps = [eps[i] if args.rollout_owner == "teacher" else rollout.reprompt(eps[i], tok, skill_prompts[i // G])
                      for i in distilled]
-            t_hs, t_logp = teacher_logprobs(teacher or model, t_eps, pad_id, device, inv_t, args)
-            hs_teacher, logp_teacher = dict(zip(distilled, t_hs)), dict(zip(distilled, t_logp))
+            hs_teacher, logp_teacher = teacher_logprobs(teacher or model, t_eps, distilled, pad_id, device, inv_t, args)
 
         # 6. loss over micro-batches, normalised by the global number of sampled tokens N
         num_tokens = sum(all_gather_objects(sum(sum(e.mask) for e in student_eps), world))
@@ -812,8 +772,7 @@ def main(argv=None):
             hs, lp, b = policy_logprobs(model, [student_eps[i] for i in rows], pad_id, device, inv_t, args)  # with grad
             sel = b["mask"] > 0  # (b, T)
             logp_student.update(zip(rows, lp.detach().split(sel.sum(1).tolist())))
-            logp = torch.zeros(sel.shape, device=device)
-            logp[sel] = lp  # (b, T) grid, grad flows to the sampled positions
+            logp = torch.zeros(sel.shape, device=device).masked_scatter(sel, lp)  # (b, T) grid, grad flows to lp
             loss = torch.zeros((), device=device)
             if use_grpo:
                 loss_grpo, mg = losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], args.eps_low,
@@ -827,9 +786,9 @@ def main(argv=None):
                 loss = loss + args.lam * loss_sdl
                 add_metrics(sums, ms, n_distill)
                 add_metrics(sums, {"loss_sdl": loss_sdl.item(), "n_distill": n_distill}, 1)
-            with torch.no_grad():  # before backward: under FSDP the head is resharded after it
-                ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)
-                add_metrics(sums, {"entropy_sum": ent.sum().item()}, 1)
+            # before backward: under FSDP the head is resharded after it
+            ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)  # no grad
+            add_metrics(sums, {"entropy_sum": ent.sum().item()}, 1)
             loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 
         # 7. one gradient all-reduce, clip, step
@@ -855,8 +814,7 @@ def main(argv=None):
                   "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)})
         last = step + 1 == args.steps
         if args.eval_n > 0 and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
-            ev = run_eval(model, tok, args, rank, world, device, step + 1)
-            m.update({"eval_acc": ev["acc"], "eval_comp": ev["comp"], "eval_invalid": ev.get("invalid_rate")})
+            m.update(run_eval(model, tok, args, rank, world, device, step + 1))
         if rank == 0:
             write_logs(args, m, step, eps, student_eps, picked, bank, run)
             bar.set_postfix(reward=f"{m['reward']:.2f}", success=f"{m['success']:.2f}", step_s=f"{dt:.1f}")
@@ -877,12 +835,20 @@ def finish(args, rank, start, summarizer, run):
         print(f"summariser: {summarizer.stats['abandoned']} group(s) still in flight abandoned at exit", flush=True)
     if rank == 0 and args.eval_n > 0 and os.path.exists(os.path.join(args.out, "eval.md")):
         print(open(os.path.join(args.out, "eval.md")).read())
-    if rank == 0 and args.steps > start:
-        try:  # the learning curves (a plotting failure must not fail a finished run)
-            print("curves:", plot(os.path.join(args.out, "metrics.jsonl")))
-        except SystemExit as e:
-            print(f"no plot: {e}")
-    finish_tracker(run, args.out)
+    if rank == 0 and args.steps > start:  # the learning curves
+        print("curves:", plot(os.path.join(args.out, "metrics.jsonl")))
+    if run is not None:  # the tracker gets the curves and the decoded episodes of episodes.jsonl, then closes
+        import wandb
+        png, eps = os.path.join(args.out, "metrics.png"), os.path.join(args.out, "episodes.jsonl")
+        extra = {"curves": wandb.Image(png)} if os.path.exists(png) else {}
+        if os.path.exists(eps):
+            cols = ["step", "task_id", "reward", "success", "skill", "transcript"]
+            extra["episodes"] = wandb.Table(columns=cols, data=[
+                [e["step"], e["task_id"], e["reward"], e["success"], e["skill"], "\n\n".join(
+                    f"[env] {o}\n\n[model] {r}" for o, r in zip(e["observations"], e["responses"]))]
+                for e in map(json.loads, open(eps))])
+        run.log(extra)
+        run.finish()
 
 
 def shutdown():
