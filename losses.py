@@ -121,7 +121,7 @@ def sdl_full_loss(hs, weight, hs_teacher, teacher_weight, mask, num_tokens=None,
         raise ValueError(f"mask must be a tensor of shape ({hs.shape[0]},), one weight per row of hs, got "
                          f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
     m = mask != 0  # rows without a teacher (no skill) cost nothing, and garbage there cannot leak
-    kl = reverse_kl_full(hs[m], hs_teacher[m], weight, chunk_size, teacher_weight, tf32_grads)  # (n_d,)
+    kl = reverse_kl_full(hs[m], hs_teacher[m], weight, chunk_size, teacher_weight, tf32_grads)  # (n_distill,)
     w = mask[m].to(kl.dtype)
     N = _check_like(w, w, num_tokens)  # validates num_tokens; default: this batch's (weighted) count
     loss = (kl * w).sum() / N

@@ -377,10 +377,10 @@ def arm_rewards(rewards, adv, gap, skill_in_student):
             if all(i in gap for i in range(g * G, (g + 1) * G)) else None for g in range(P)]
 
 
-def add_metrics(sums, metrics, weight):
-    """Accumulate a loss's metrics into `sums`: token-weighted sums, except maxima (keys ending in _max)."""
+def add_metrics(tally, metrics, weight):
+    """Tally a loss's metrics: token-weighted sums, except the maxima of keys ending in _max."""
     for k, v in metrics.items():
-        sums[k] = max(sums.get(k, -math.inf), float(v)) if k.endswith("_max") else sums.get(k, 0.0) + float(v) * weight
+        tally[k] = max(tally.get(k, -math.inf), float(v)) if k.endswith("_max") else tally.get(k, 0.0) + float(v) * weight
 
 
 def reduce_metrics(parts, world):
@@ -398,7 +398,7 @@ def reduce_metrics(parts, world):
     return m, total
 
 
-def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, sums, use_grpo, use_sdl, summarizer, bank, new_skills, world):
+def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, tally, use_grpo, use_sdl, summarizer, bank, new_skills, world):
     """The step's metrics over all ranks (a collective: every rank calls it). teacher_adv_corr: over the step's
     distilled episodes in groups with unequal rewards, the correlation of A_i with the episode's mean gap
     mean_t(logp_teacher - logp) centred in its group (positive = the skill-conditioned teacher prefers the better
@@ -409,13 +409,13 @@ def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, sums, use_grpo, us
              "completion": float(np.mean([e.completion for e in eps])), "frac_zero_var": frac_zero_var,
              "distill_frac": len(gap) / len(eps) if use_sdl else 0.0,
              "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
-    n_distill = sums.get("n_distill", 0.0)
-    weighted = {"entropy": (sums.get("entropy_sum", 0.0), n_local), "gap": (sum(sum(v) for v in gap.values()), n_distill),
-                **{k: (sums[k], n_local) for k in ("clip_frac", "ratio_mean") if k in sums},
-                **{k: (sums[k], n_distill) for k in ("l_mean", "rho_mean", "k3_mean", "kl_mean") if k in sums}}
-    summed = {"loss_grpo": sums.get("loss_grpo", 0.0) if use_grpo else None,
-              "loss_sdl": sums.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
-    maxed = {k: sums[k] for k in ("ratio_max", "rho_max") if k in sums}
+    n_distill = tally.get("n_distill", 0.0)
+    weighted = {"entropy": (tally.get("entropy_sum", 0.0), n_local), "gap": (sum(sum(v) for v in gap.values()), n_distill),
+                **{k: (tally[k], n_local) for k in ("clip_frac", "ratio_mean") if k in tally},
+                **{k: (tally[k], n_distill) for k in ("l_mean", "rho_mean", "k3_mean", "kl_mean") if k in tally}}
+    summed = {"loss_grpo": tally.get("loss_grpo", 0.0) if use_grpo else None,
+              "loss_sdl": tally.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
+    maxed = {k: tally[k] for k in ("ratio_max", "rho_max") if k in tally}
     counts = {k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))}  # per rank: summed
     pairs = []  # (A_i, centred mean gap) of distilled episodes in groups with unequal rewards
     for g in range(P):
@@ -765,7 +765,7 @@ def main(argv=None):
         # 6. loss over micro-batches, normalised by the global number of sampled tokens N
         num_tokens = sum(all_gather_objects(sum(sum(e.mask) for e in student_eps), world))
         opt.zero_grad(set_to_none=True)
-        sums = {}  # this rank's token-weighted metric sums (and maxima), see add_metrics
+        tally = {}  # this rank's metrics so far: token-weighted sums and maxima, see add_metrics
         logp_student = {}  # episode -> (n_i,) its sampled tokens' log-probs under the student (detached)
         for j in range(0, len(eps), args.micro_batch):
             rows = list(range(j, min(j + args.micro_batch, len(eps))))
@@ -778,17 +778,17 @@ def main(argv=None):
                 loss_grpo, mg = losses.grpo_loss(logp, b["logp_old"], adv[rows], b["mask"], args.eps_low,
                                                  args.eps_high, num_tokens=num_tokens)
                 loss = loss + loss_grpo
-                add_metrics(sums, mg, sel.sum().item())
-                add_metrics(sums, {"loss_grpo": loss_grpo.item()}, 1)
+                add_metrics(tally, mg, sel.sum().item())
+                add_metrics(tally, {"loss_grpo": loss_grpo.item()}, 1)
             if use_sdl:  # also with no distilled row here: the loss stays connected to the graph
                 loss_sdl, ms, n_distill = sdl_term(logp, hs, b, rows, logp_teacher, hs_teacher, model, teacher,
                                                    num_tokens, args)
                 loss = loss + args.lam * loss_sdl
-                add_metrics(sums, ms, n_distill)
-                add_metrics(sums, {"loss_sdl": loss_sdl.item(), "n_distill": n_distill}, 1)
+                add_metrics(tally, ms, n_distill)
+                add_metrics(tally, {"loss_sdl": loss_sdl.item(), "n_distill": n_distill}, 1)
             # before backward: under FSDP the head is resharded after it
             ent = losses.token_entropy(hs.detach(), model.head_weight.detach().float(), args.chunk_size)  # no grad
-            add_metrics(sums, {"entropy_sum": ent.sum().item()}, 1)
+            add_metrics(tally, {"entropy_sum": ent.sum().item()}, 1)
             loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 
         # 7. one gradient all-reduce, clip, step
@@ -807,7 +807,7 @@ def main(argv=None):
                 bank.update(all_picked[g], r) if r is not None else bank.release(all_picked[g])
 
         # 10. log, evaluate, checkpoint
-        m = step_metrics(step, eps, rewards, frac_zero_var, adv.tolist(), gap, sums, use_grpo, use_sdl, summarizer, bank,
+        m = step_metrics(step, eps, rewards, frac_zero_var, adv.tolist(), gap, tally, use_grpo, use_sdl, summarizer, bank,
                          new_skills, world)
         dt = time.time() - t0
         m.update({"grad_norm": gnorm, "skipped": skipped, "lr": args.lr, "tasks_eligible": n_elig, "step_time": dt,
