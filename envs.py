@@ -89,8 +89,8 @@ def _reverse_play(fixed, player, targets, search_depth, max_states=300_000):
         if key in explored:
             continue
         explored.add(key)
-        visible = not set(targets) & (set(boxes) | {p})  # score 0 unless every target is visible
-        score = swaps * sum(abs(b // W - t // W) + abs(b % W - t % W) for b, t in zip(boxes, targets)) if visible else 0
+        covered = set(targets) & (set(boxes) | {p})  # a target under a box or the player: score 0
+        score = 0 if covered else swaps * sum(abs(b // W - t // W) + abs(b % W - t % W) for b, t in zip(boxes, targets))
         if score > best[0]:
             best = (score, p, boxes)
         children = []
@@ -226,8 +226,8 @@ class Sokoban:
         if reward not in ("completion", "shaped") or parse not in ("strict", "lenient") or max_turns < 1 \
                 or max_actions_per_turn < 1:
             raise ValueError(f"need reward 'completion' or 'shaped', parse 'strict' or 'lenient', max_turns >= 1 "
-                             f"and max_actions_per_turn >= 1; got {reward!r}, {parse!r}, {max_turns}, "
-                             f"{max_actions_per_turn}")
+                             f"and max_actions_per_turn >= 1; got {reward=}, {parse=}, {max_turns=}, "
+                             f"{max_actions_per_turn=}")
         self.lenient = parse == "lenient"
         self.dim, self.num_boxes, self.search_depth = tuple(dim), num_boxes, search_depth
         self.max_turns, self.max_actions_per_turn, self.reward = max_turns, max_actions_per_turn, reward
@@ -263,7 +263,7 @@ class Sokoban:
         return f"Turn 1 of {self.max_turns}. Current map:\n{render(fixed, state)}\n{LEGEND}"
 
     def _act(self, a):
-        """One move with gym-sokoban's push-action semantics -> (moved, shaped reward)."""
+        """One move, gym-sokoban's push action (push a box in the way, else walk) -> (moved, shaped reward)."""
         (dr, dc), (r, c) = MOVES[a], self.player
         s, f = self.room_state, self.room_fixed
         nr, nc, br, bc = r + dr, c + dc, r + 2 * dr, c + 2 * dc
@@ -295,7 +295,7 @@ class Sokoban:
 
     def step(self, text):
         if self.room_state is None or self.done:
-            raise RuntimeError("call reset() before step() (and after an episode is done)")
+            raise RuntimeError("the episode is done: call reset()" if self.done else "call reset() before step()")
         self.turn += 1
         names = parse_actions(text, self.lenient)
         start = self._snapshot()
@@ -444,7 +444,7 @@ def sokoban_facts(history):
                     facts["boxes_removed"].append(i)
                 if not on_dst and _is_corner(fixed, dr, dc):
                     facts["dead_corner_pushes"].append(i)
-            facts["repeated_states"] += cur in seen
+            facts["repeated_states"] += int(cur in seen)
             seen.add(cur)
             if cur in path_states:  # back to an earlier state: drop the cycle
                 j = path_states.index(cur)

@@ -136,14 +136,12 @@ def _tf32(on):
     """fp32 CUDA matmuls on TF32 tensor cores inside the block when on (CPU matmuls ignore the flag)."""
     m = torch.backends.cuda.matmul
     key = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"  # torch >= 2.9 / older
-    old = getattr(m, key) if on else None
-    if on:
-        setattr(m, key, "tf32" if key == "fp32_precision" else True)
+    old = getattr(m, key)
+    setattr(m, key, ("tf32" if key == "fp32_precision" else True) if on else old)  # off: unchanged
     try:
         yield
     finally:
-        if on:
-            setattr(m, key, old)
+        setattr(m, key, old)
 
 
 def _cdtype(dtype):

@@ -64,7 +64,7 @@ class Skill:
 # parsing
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', re.S)
-_DECODER = json.JSONDecoder(strict=False)  # raw control characters (newlines) inside strings: llama.cpp's grammar
+_TOKEN = re.compile(_STRING.pattern + r"""|[{}"']""", re.S)  # a quoted string, a brace, or a quote left open
 
 
 def _repair(s):
@@ -79,6 +79,19 @@ def _repair(s):
         pos = m.end()
     out.append(re.sub(r",\s*([}\]])", r"\1", s[pos:]))
     return "".join(out)
+
+
+def _span(text, start):
+    """End (exclusive) of the balanced {...} starting at text[start], skipping quoted strings; None if unbalanced."""
+    depth = 0
+    for m in _TOKEN.finditer(text, start):
+        tok = m.group(0)
+        if tok in ('"', "'"):  # a quote that no closing quote matches
+            return None
+        depth += {"{": 1, "}": -1}.get(tok, 0)  # a whole string: 0
+        if depth == 0:
+            return m.end()
+    return None
 
 
 def _to_skill(obj):
@@ -107,9 +120,10 @@ def parse_skill(text):
         if not isinstance(text, str) or len(text) > MAX_PARSE_CHARS:
             return None
         for start in [m.start() for m in re.finditer(r"\{", text)][:MAX_STARTS]:
-            for cand in (text[start:], _repair(text[start:])):  # the object must be complete: prose may follow it
+            end = _span(text, start)  # repair and parse only the balanced {...}: bounded work, nothing after it
+            for cand in (text[start:end], _repair(text[start:end])) if end else ():
                 try:
-                    skill = _to_skill(_DECODER.raw_decode(cand)[0])
+                    skill = _to_skill(json.loads(cand, strict=False))  # raw newlines in strings: llama.cpp's grammar
                 except ValueError:
                     continue
                 if skill is not None:
@@ -454,9 +468,8 @@ class AsyncSummarizer:
         self.backend, self.complete, self.sync, self.kw = backend, complete, sync, kw
         self.kw.setdefault("negotiated", {})  # the output format the server accepted, shared by all jobs
         self.stats = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0, "superseded": 0, "abandoned": 0}
-        self.lock = threading.Lock()
+        self.lock, self.jobs = threading.Lock(), queue.SimpleQueue()  # jobs: what the worker threads take
         self.pending, self.ready, self.closed = [], [], False  # futures (one group each) in submission order
-        self.jobs = queue.SimpleQueue()
         self.threads = [threading.Thread(target=self._worker, name=f"skill-summarizer-{i}", daemon=True)
                         for i in range(0 if sync else workers)]
         for t in self.threads:
@@ -565,7 +578,7 @@ class SkillBank:
         if not (capacity_per_task >= 1 and global_capacity >= 0 and c >= 0 and prior_pulls > 0
                 and math.isfinite(prior) and math.isfinite(prior_pulls)):
             raise ValueError(f"need capacity_per_task >= 1, global_capacity >= 0, c >= 0, prior_pulls > 0 and a finite "
-                             f"prior; got {capacity_per_task}, {global_capacity}, {c}, {prior_pulls}, {prior}")
+                             f"prior; got {capacity_per_task=}, {global_capacity=}, {c=}, {prior_pulls=}, {prior=}")
         self.capacity_per_task, self.global_capacity, self.c, self.seed = capacity_per_task, global_capacity, c, seed
         self.prior, self.prior_pulls = float(prior), float(prior_pulls)
         self.skills, self.tasks, self.pool = {}, {}, []  # uid -> Skill; str(task_id) -> [uid]; [uid]

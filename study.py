@@ -187,7 +187,7 @@ def compare(run_dirs, out_dir):
         f.write(table)
     try:
         plt = E.pyplot()
-    except SystemExit as e:
+    except ImportError as e:  # matplotlib is in requirements.txt; the table above is written either way
         print(f"no compare.png: {e}")
         return table
     fig, ax = plt.subplots(figsize=(7, 4.5))
