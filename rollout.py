@@ -180,11 +180,12 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     active = torch.ones(B, dtype=torch.bool, device=dev)  # drew a token this step
     n = torch.zeros(B, dtype=torch.long, device=dev)
     cut = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos = torch.tensor([eos_id], device=dev) if min_new else None  # once, not a host-to-device copy per step
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
         # forced length (benchmarks): forbid eos for the draw only
-        draw = logits.index_fill(1, torch.tensor([eos_id], device=dev), float("-inf")) if t < min_new else logits
+        draw = logits.index_fill(1, eos, float("-inf")) if t < min_new else logits
         u = _uniforms(generator, active).to(dev) if isinstance(generator, list) and temperature > 0 else None
         tok = torch.where(active, sample(draw, temperature, top_p, generator if u is None else None, u), pad_id)
         tok_buf[:, t] = tok
