@@ -7,7 +7,8 @@ of one task from one step, and it yields at most one skill (success and failure 
      "reward": float, "success": bool, "facts": dict | None}   # facts = envs.sokoban_facts(env.history)
 
 Deliberate simplifications:
-- Backends: "rule" (deterministic, from the facts alone, the offline default), "self" (the policy through a
+- Backends: "rule" (deterministic, from the facts alone, the offline default), "oracle" (PRIVILEGED: the rule
+  analyses with a solver's shortest solution as the workflow; a positive control, never a default), "self" (the policy through a
   complete(prompts) -> texts callable; prompts are plain user-message strings, the caller applies its chat
   template) and "openai:<base_url>" (urllib, one request per group). Structured output is negotiated once per
   summariser: OpenAI's json_schema form (OpenAI, vLLM), else json_object with a schema (llama.cpp's server),
@@ -203,6 +204,26 @@ def _rule_sokoban(f, fs):
     return success, mistake, workflow
 
 
+def oracle_workflow(solution, per_turn):
+    """The privileged golden workflow: a solver's shortest solution from the level's start, in the answer format,
+    split into turns of at most `per_turn` moves."""
+    turns = [solution[i:i + per_turn] for i in range(0, len(solution), per_turn)]
+    return (f"Shortest solution from the start, {len(solution)} move{'s' * (len(solution) != 1)}: "
+            + ", ".join(f"turn {t + 1}: <action>{' || '.join(m)}</action>" for t, m in enumerate(turns)) + ".")
+
+
+def oracle_skill(group):
+    """PRIVILEGED (an upper bound on skill quality, like a teacher shown the answer; never a default): the rule
+    summariser's success and mistake analysis of the group, with oracle_workflow of the episodes' "solution" (the
+    solver's move list, which the caller adds to each episode dict with "moves_per_turn") as the golden workflow."""
+    sol, per_turn = group[0].get("solution"), group[0].get("moves_per_turn")
+    if not sol or not isinstance(per_turn, int):
+        raise ValueError("the oracle summariser needs episode dicts with 'solution' and 'moves_per_turn'")
+    skill = rule_skill(group)
+    skill.golden_workflow = oracle_workflow(list(sol), per_turn)
+    return skill
+
+
 def _rule_generic(ep):
     turns = ep.get("turns") or []
     resp = [str(t.get("response", "")).strip() for t in turns]
@@ -382,8 +403,9 @@ def check_backend(backend, complete=None, model=None):
             raise ValueError(f'expected "openai:http(s)://host:port/v1", got {backend!r}')
         if not (model or os.environ.get("SKILL_SD_SUMMARIZER_MODEL")):
             raise ValueError("openai backend needs a model name (argument or SKILL_SD_SUMMARIZER_MODEL)")
-    elif backend not in ("rule", "self"):
-        raise ValueError(f'unknown summariser backend {backend!r}; use "rule", "self" or "openai:<base_url>"')
+    elif backend not in ("rule", "self", "oracle"):
+        raise ValueError(f'unknown summariser backend {backend!r}; use "rule", "oracle", "self" or '
+                         '"openai:<base_url>"')
 
 
 def check_groups(groups):
@@ -414,8 +436,8 @@ def summarize(groups, backend="rule", step=0, complete=None, model=None, stats=N
     try:
         check_backend(backend, complete, model)
         modes = ["text"] * len(groups)
-        if backend == "rule":
-            texts, out = None, [_safe(rule_skill, g, stats) for g in groups]
+        if backend in ("rule", "oracle"):
+            texts, out = None, [_safe(rule_skill if backend == "rule" else oracle_skill, g, stats) for g in groups]
         elif backend == "self":
             texts = list(complete([summary_prompt(g) for g in groups]))
         else:

@@ -75,7 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--eps-low", type=float, default=0.2, help="GRPO lower clip: ratio >= 1 - eps_low")
     g.add_argument("--eps-high", type=float, default=0.28, help="GRPO upper clip: ratio <= 1 + eps_high")
     g.add_argument("--summarizer", default="rule",
-                   help="rule (deterministic, offline), self (the policy) or openai:BASE_URL ($OPENAI_API_KEY)")
+                   help="rule (deterministic, offline), self (the policy), openai:BASE_URL ($OPENAI_API_KEY), or "
+                        "oracle (Sokoban, PRIVILEGED: the solver's shortest solution as the workflow; a control)")
     g.add_argument("--summarizer-model", default=None, help="model name for an openai: summariser")
     g.add_argument("--skill-file", default=None,
                    help="one JSON skill (the three fields) for every task instead of the bank (static skills)")
@@ -104,6 +105,8 @@ def parse_args(argv=None):
                    help="run a group's shared prompt once per micro-batch (same gradients up to rounding; README)")
     g.add_argument("--tf32-grads", action="store_true",
                    help="CUDA: LM-head gradient matmuls on TF32 (log-probs stay fp32; ~5e-4 gradient rounding)")
+    g.add_argument("--grad-norms", action="store_true",
+                   help="log the GRPO and SDL terms' gradient norms apart (skill-sd; one extra backward per micro-batch)")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and optimizer state over ranks (FSDP2) when they do not fit")
     g = p.add_argument_group("rollouts")
@@ -160,6 +163,8 @@ def parse_args(argv=None):
               (0 < args.curriculum_start <= 1 and 0 <= args.curriculum_full_at <= 1,
                "--curriculum-start must be in (0, 1] and --curriculum-full-at in [0, 1]"),
               (args.lam >= 0 and args.lr > 0, "--lam must be >= 0 and --lr > 0"),
+              (not args.grad_norms or (grpo and sdl and not args.fsdp),
+               "--grad-norms needs --method skill-sd (both terms) and no --fsdp"),
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature >= 0 and 0 < --top-p <= 1"),
               (0 <= args.eps_low < 1 and args.eps_high >= 0, "0 <= --eps-low < 1 and --eps-high >= 0"),
               (not args.wandb or importlib.util.find_spec("wandb") is not None,
@@ -279,12 +284,13 @@ def play(player, tok, make_env, seeds, generators, args, system_prompts=None):
                                max_len=args.max_len, system_prompts=system_prompts)
 
 
-def episode_dict(ep, env_name, task_prompt):
-    """The plain record the summariser sees (no tensors)."""
+def episode_dict(ep, env_name, task_prompt, oracle=None):
+    """The plain record the summariser sees (no tensors). oracle: (solution, moves per turn) for --summarizer oracle."""
     return {"task_id": ep.task_id, "env": env_name, "task": task_prompt + "\n\n" + (ep.observations[0] if ep.observations else ""),
             "turns": [{"response": r, "observation": o} for r, o in zip(ep.responses, ep.observations[1:] + [""])],
             "reward": ep.reward, "success": ep.success,
-            "facts": envs.sokoban_facts(ep.history) if env_name.startswith("sokoban") else None}
+            "facts": envs.sokoban_facts(ep.history) if env_name.startswith("sokoban") else None,
+            **({"solution": oracle[0], "moves_per_turn": oracle[1]} if oracle else {})}
 
 
 def policy_logprobs(model, episodes, pad_id, device, inv_t, args):
@@ -354,17 +360,29 @@ def pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def turn_centred(gap, rows):
+    """Per episode of one group (rows: its distilled episodes; gap: episode -> per-turn lists of logp_teacher - logp):
+    its mean gap turn by turn minus the group's mean at that turn (over the episodes that reached it), averaged
+    over its turns. Why not a plain per-episode mean: the gap's level differs from turn to turn (by turn on the
+    default run: +0.004, -0.052, -0.010 nats) and episodes end at different turns (a solved one stops early), so a
+    per-episode mean would rank episodes by WHERE THEY ENDED, not by how the teacher judged their tokens."""
+    means = {i: [float(np.mean(t)) for t in gap[i]] for i in rows}  # episode -> mean gap per turn
+    K = max((len(v) for v in means.values()), default=0)
+    centre = [np.mean([v[k] for v in means.values() if len(v) > k]) for k in range(K)]
+    return [float(np.mean([g - c for g, c in zip(means[i], centre)])) for i in rows]
+
+
 def arm_rewards(rewards, adv, gap, skill_in_student):
     """The UCB arm reward of each of this rank's groups, None where the group carries no information. For the
-    teacher methods: the within-group correlation of the advantages A_i with the per-episode mean gap
-    mean_t(logp_teacher - logp), in [-1, 1] (does the skill-conditioned teacher favour the better episodes?);
-    None for a group with equal rewards (A = 0) or without a teacher. Skill-augmented GRPO has no teacher: the
-    mean reward of the group the skill guided."""
+    teacher methods: the within-group correlation of the advantages A_i with the episodes' turn-centred gaps
+    (turn_centred), in [-1, 1] (does the skill-conditioned teacher favour the better episodes?); None for a group
+    with equal rewards (A = 0) or without a teacher. Skill-augmented GRPO has no teacher: the mean reward of the
+    group the skill guided."""
     P, G = rewards.shape
     if skill_in_student:
         return [rewards[g].mean().item() for g in range(P)]
-    return [pearson(adv[g * G:(g + 1) * G], [np.mean(gap[i]) for i in range(g * G, (g + 1) * G)])
-            if all(i in gap for i in range(g * G, (g + 1) * G)) else None for g in range(P)]
+    rows = [list(range(g * G, (g + 1) * G)) for g in range(P)]
+    return [pearson([adv[i] for i in r], turn_centred(gap, r)) if all(i in gap for i in r) else None for r in rows]
 
 
 def add_metrics(tally, metrics, weight):
@@ -388,11 +406,12 @@ def reduce_metrics(parts, world):
     return m, total
 
 
-def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, tally, use_grpo, use_sdl, summarizer, bank, new_skills, world):
+def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, tally, use_grpo, use_sdl, summarizer, bank, new_skills, world,
+                 turns_max):
     """The step's metrics over all ranks (a collective: every rank calls it). teacher_adv_corr: over the step's
-    distilled episodes in groups with unequal rewards, the correlation of A_i with the episode's mean gap
-    mean_t(logp_teacher - logp) centred in its group (positive = the skill-conditioned teacher prefers the better
-    episodes, which is what SDL needs; the centring removes each skill's overall offset)."""
+    distilled episodes in groups with unequal rewards, the correlation of A_i with the episode's turn-centred gap
+    (turn_centred: positive = the skill-conditioned teacher prefers the better episodes, which is what SDL needs;
+    the centring removes each skill's and each turn's overall offset). gap_turn1, ...: the mean gap per turn."""
     P, G = rewards.shape
     n_local = sum(sum(e.mask) for e in eps)
     means = {"reward": rewards.mean().item(), "success": float(np.mean([e.success for e in eps])),
@@ -400,19 +419,22 @@ def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, tally, use_grpo, u
              "distill_frac": len(gap) / len(eps) if use_sdl else 0.0,
              "truncated": float(np.mean([e.truncated for e in eps])), "turns": float(np.mean([len(e.responses) for e in eps]))}
     n_distill = tally.get("n_distill", 0.0)
-    weighted = {"entropy": (tally.get("entropy_sum", 0.0), n_local), "gap": (sum(sum(v) for v in gap.values()), n_distill),
+    flat = {i: sum(v, []) for i, v in gap.items()}
+    by_turn = {f"gap_turn{k + 1}": (sum(sum(v[k]) for v in gap.values() if len(v) > k),
+                                    sum(len(v[k]) for v in gap.values() if len(v) > k)) for k in range(turns_max)}
+    weighted = {"entropy": (tally.get("entropy_sum", 0.0), n_local), "gap": (sum(sum(v) for v in flat.values()), n_distill),
+                **by_turn,
                 **{k: (tally[k], n_local) for k in ("clip_frac", "ratio_mean") if k in tally},
                 **{k: (tally[k], n_distill) for k in ("l_mean", "rho_mean", "k3_mean", "kl_mean") if k in tally}}
     summed = {"loss_grpo": tally.get("loss_grpo", 0.0) if use_grpo else None,
               "loss_sdl": tally.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
     maxed = {k: tally[k] for k in ("ratio_max", "rho_max") if k in tally}
     counts = {k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))}  # per rank: summed
-    pairs = []  # (A_i, centred mean gap) of distilled episodes in groups with unequal rewards
+    pairs = []  # (A_i, turn-centred gap) of distilled episodes in groups with unequal rewards
     for g in range(P):
         rows = [i for i in range(g * G, (g + 1) * G) if i in gap]
         if rows and rewards[g].std() > 0:
-            c = np.mean([np.mean(gap[i]) for i in rows])
-            pairs += [(adv[i], np.mean(gap[i]) - c) for i in rows]
+            pairs += list(zip([adv[i] for i in rows], turn_centred(gap, rows)))
     parts = all_gather_objects((means, weighted, summed, maxed, counts, pairs), world)
     m, total = reduce_metrics([p[:5] for p in parts], world)
     pairs = sum((p[5] for p in parts), [])
@@ -459,6 +481,21 @@ def read_skill_file(path):
     if path and skill is None:
         raise ValueError(f"{path} holds no skill JSON with success_analysis, mistake_analysis, golden_workflow")
     return skill
+
+
+def oracle_solutions(make_env, seeds):
+    """--summarizer oracle: task -> (the solver's shortest solution from the level's start, moves per turn).
+    PRIVILEGED information, for the positive control only."""
+    out, env = {}, make_env()
+    if not isinstance(env, envs.Sokoban):
+        raise ValueError("--summarizer oracle needs a Sokoban env (it writes a solver's solution as the workflow)")
+    for s in seeds:
+        env.reset(s)
+        sol = envs.solve(env.room_fixed, env.room_state)
+        if sol is None:
+            raise ValueError(f"--summarizer oracle: the solver found no solution of training level {s}")
+        out[s] = (sol, env.max_actions_per_turn)
+    return out
 
 
 def make_summarizer(args, model, tok, device):
@@ -690,6 +727,7 @@ def main(argv=None):
         if args.eval_n > 0:
             envs.task_set("eval", args.eval_n, env=args.env)
         fixed_skill = read_skill_file(args.skill_file)
+        oracle = oracle_solutions(make_env, train_seeds) if args.summarizer == "oracle" and uses_bank else {}
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     pad_id = tok.pad_token_id
@@ -740,7 +778,8 @@ def main(argv=None):
             # 4. skills: one summary per task group (its G episodes side by side); skills finished by now (all
             #    ranks') enter every rank's bank in rank order
             if uses_bank:
-                summarizer.submit([[episode_dict(e, args.env, task_prompt) for e in eps[g * G:(g + 1) * G]]
+                summarizer.submit([[episode_dict(e, args.env, task_prompt, oracle.get(e.task_id))
+                                    for e in eps[g * G:(g + 1) * G]]
                                    for g in range(P)], step)
             new_skills = sum(all_gather_objects(summarizer.collect(wait_s=args.summarizer_wait), world), [])
             for k in new_skills:
@@ -757,6 +796,8 @@ def main(argv=None):
         num_tokens = sum(all_gather_objects(sum(sum(e.mask) for e in student_eps), world))
         opt.zero_grad(set_to_none=True)
         tally = {}  # this rank's metrics so far: token-weighted sums and maxima, see add_metrics
+        params = [p for p in model.parameters() if p.requires_grad]
+        sdl_grads = [torch.zeros_like(p) for p in params] if args.grad_norms else None  # grad L_SDL, kept apart
         logp_student = {}  # episode -> (n_i,) its sampled tokens' log-probs under the student (detached)
         for j in range(0, len(eps), args.micro_batch):
             rows = list(range(j, min(j + args.micro_batch, len(eps))))
@@ -774,7 +815,12 @@ def main(argv=None):
             if use_sdl:  # also with no distilled row here: the loss stays connected to the graph
                 loss_sdl, ms, n_distill = sdl_term(logp, hs, b, rows, logp_teacher, hs_teacher, model, teacher,
                                                    num_tokens, args)
-                loss = loss + args.lam * loss_sdl
+                if sdl_grads is not None:  # the SDL term's own gradient, added to .grad after the GRPO norm
+                    for acc, g in zip(sdl_grads, torch.autograd.grad(loss_sdl, params, retain_graph=True,
+                                                                     allow_unused=True)):
+                        acc += 0 if g is None else g
+                else:
+                    loss = loss + args.lam * loss_sdl
                 add_metrics(tally, ms, n_distill)
                 add_metrics(tally, {"loss_sdl": loss_sdl.item(), "n_distill": n_distill}, 1)
             # before backward: under FSDP the head is resharded after it
@@ -782,7 +828,12 @@ def main(argv=None):
             add_metrics(tally, {"entropy_sum": ent.sum().item()}, 1)
             loss.backward()  # on every rank for every micro-batch, even with no loss tokens (FSDP collectives)
 
-        # 7. one gradient all-reduce, clip, step
+        # 7. one gradient all-reduce, clip, step (--grad-norms: this rank's norms of the two terms, before it)
+        if sdl_grads is not None:
+            norms = {"grad_norm_grpo": torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item(),
+                     "grad_norm_sdl": torch.linalg.vector_norm(torch.stack([g.norm() for g in sdl_grads])).item()}
+            for p, g in zip(params, sdl_grads):
+                p.grad.add_(g, alpha=args.lam)
         gnorm, skipped = optimizer_step(model, opt, world, args)
 
         # 8. teacher sync
@@ -791,7 +842,8 @@ def main(argv=None):
 
         # 9. UCB: every selected skill gets its group's arm reward, or is released (no information), on every rank;
         #    the gap is taken against the student's log-probs (the off-policy ablation's logp_old is the teacher's)
-        gap = {i: (logp_teacher[i] - logp_student[i]).tolist() for i in distilled}  # episode -> (n_i,)
+        gap = {i: [d.tolist() for d in (logp_teacher[i] - logp_student[i]).split([e - s for s, e in eps[i].turn_spans])]
+               for i in distilled}  # episode -> per turn, the gap at each sampled token
         arms = arm_rewards(rewards, adv.tolist(), gap, skill_in_student)  # (P,) float or None
         for g, r in enumerate(sum(all_gather_objects(arms, world), [])):
             if all_picked[g] is not None and fixed_skill is None:
@@ -799,9 +851,9 @@ def main(argv=None):
 
         # 10. log, evaluate, checkpoint
         m = step_metrics(step, eps, rewards, frac_zero_var, adv.tolist(), gap, tally, use_grpo, use_sdl, summarizer, bank,
-                         new_skills, world)
+                         new_skills, world, args.max_turns)
         dt = time.time() - t0
-        m.update({"grad_norm": gnorm, "skipped": skipped, "lr": args.lr, "tasks_eligible": n_elig, "step_time": dt,
+        m.update({**(norms if sdl_grads is not None else {}), "grad_norm": gnorm, "skipped": skipped, "lr": args.lr, "tasks_eligible": n_elig, "step_time": dt,
                   "rollout_time": t_roll, "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device)})
         last = step + 1 == args.steps
         if args.eval_n > 0 and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):

@@ -12,7 +12,7 @@ def test_conversation_is_the_template_rendering_with_loss_on_answers_only():
     _, tok = M.load("tiny")
     env = envs.make_env("sokoban", max_turns=3)
     for seed in range(3_000_000, 3_000_006):
-        ids, mask = W.conversation(tok, env, seed, 3, random.Random(seed))
+        ids, mask = W.conversation(tok, env, seed, W.random_answers(env, 3, random.Random(seed)))
         assert len(ids) == len(mask)
         answers, cur = [], []  # the masked runs of tokens
         for t, m in zip(ids, mask):
@@ -47,7 +47,7 @@ def test_random_moves_are_not_solutions_on_average():
     counts = dict.fromkeys(envs.ACTION_NAMES, 0)
     rng = random.Random(0)
     for seed in range(3_000_000, 3_000_200):
-        ids, mask = W.conversation(tok, env, seed, 1, rng)
+        ids, mask = W.conversation(tok, env, seed, W.random_answers(env, 1, rng))
         for a in envs.parse_actions(tok.decode([t for t, m in zip(ids, mask) if m][:-1])):
             counts[a] += 1
     total = sum(counts.values())
