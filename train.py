@@ -430,16 +430,19 @@ def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, tally, use_grpo, u
               "loss_sdl": tally.get("loss_sdl", 0.0) if use_sdl else None, "tokens": n_local}
     maxed = {k: tally[k] for k in ("ratio_max", "rho_max") if k in tally}
     counts = {k: v for k, v in summarizer.stats.items() if isinstance(v, (int, float))}  # per rank: summed
-    pairs = []  # (A_i, turn-centred gap) of distilled episodes in groups with unequal rewards
+    pairs = []  # (A_i, turn-centred gap, plain per-episode mean gap) of distilled episodes in groups with unequal rewards
     for g in range(P):
         rows = [i for i in range(g * G, (g + 1) * G) if i in gap]
         if rows and rewards[g].std() > 0:
-            pairs += list(zip([adv[i] for i in rows], turn_centred(gap, rows)))
+            means = [np.mean(flat[i]) for i in rows]
+            pairs += list(zip([adv[i] for i in rows], turn_centred(gap, rows), np.subtract(means, np.mean(means))))
     parts = all_gather_objects((means, weighted, summed, maxed, counts, pairs), world)
     m, total = reduce_metrics([p[:5] for p in parts], world)
     pairs = sum((p[5] for p in parts), [])
     ages = [step - k.step for k in new_skills]
-    return {"step": step + 1, **m, "teacher_adv_corr": pearson(*zip(*pairs)) if len(pairs) > 1 else None,
+    corr = lambda k: pearson(*list(zip(*pairs))[0:k + 1:k]) if len(pairs) > 1 else None  # noqa: E731
+    # teacher_adv_corr_episode_mean: the old statistic, kept to show what the turn centring changes (docs/control)
+    return {"step": step + 1, **m, "teacher_adv_corr": corr(1), "teacher_adv_corr_episode_mean": corr(2),
             "skills": {**bank.metrics(), "new": len(new_skills), "age_mean": float(np.mean(ages)) if ages else None,
                        "age_max": max(ages) if ages else None},
             "summarizer": total}
