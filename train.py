@@ -683,6 +683,7 @@ def main(argv=None):
 
     try:
         model, tok = load_model(args.model, device=device)
+        rollout.template_pieces(tok, args.model)  # a chat template the sampler cannot follow: one error line
         make_env = lambda: envs.make_env(args.env, **env_overrides(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
         train_seeds = envs.task_set("train", args.train_tasks, env=args.env)
