@@ -219,11 +219,11 @@ def prompt_ids(tokenizer, system_prompt, observation):
     return _encode(tokenizer, _render(tokenizer, messages, True))
 
 
-def template_pieces(tokenizer):
+def template_pieces(tokenizer, model="this model"):
     """The chat template's text around an observation: (after_eos, user_pre, user_post). A model turn that
     ended with eos is followed by after_eos + user_pre + obs + user_post (e.g. ChatML: "\\n",
     "<|im_start|>user\\n", "<|im_end|>\\n<|im_start|>assistant\\n"). Found by rendering sentinel conversations,
-    so it holds for any template that renders earlier turns unchanged when a turn is appended."""
+    so it holds for any template that renders earlier turns unchanged when a turn is appended (else ValueError)."""
     A, U = "ASSISTANT_SENTINEL_7f3a", "USER_SENTINEL_7f3a"
     base = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     head = _render(tokenizer, base, True)
@@ -233,8 +233,10 @@ def template_pieces(tokenizer):
     ok = closed.startswith(head + A) and nxt.startswith(closed) and nxt.count(U) == 1
     tail = closed[len(head) + len(A):]
     if not ok or not tail.startswith(eos):
-        raise ValueError("unsupported chat template: it must end an assistant turn with eos_token "
-                         f"({eos!r}) and render earlier turns unchanged when a new turn is appended")
+        why = ("writes a <think> block into the last assistant turn only, dropping it from earlier ones once a turn "
+               "is appended" if "<think>" in closed and "<think>" not in nxt else "must end an assistant turn with "
+               f"eos_token ({eos!r}) and render earlier turns unchanged when a turn is appended")
+        raise ValueError(f"{model}: unsupported chat template: it {why} (the sampler only appends token ids)")
     pre, post = nxt[len(closed):].split(U)
     return tail[len(eos):], pre, post
 

@@ -90,7 +90,7 @@ def attempt(cmd, log, info, key):
     """Run cmd with its output appended to `log`; add its wall time and exit status to info[key]."""
     t0, started = time.time(), datetime.datetime.now().isoformat(timespec="seconds")
     with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
+        f.write(f"$ {shlex.join([os.path.basename(cmd[0]), *cmd[1:]])}\n")  # python, not this machine's path to it
         f.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         print(f"    pid {proc.pid}, log {log}", flush=True)
@@ -265,7 +265,7 @@ def main(argv=None):
         methods = dict(variant(m) for m in a.methods)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    out = os.path.abspath(a.out)
+    out = a.out if os.path.samefile(os.getcwd(), ROOT) else os.path.abspath(a.out)  # runs run in ROOT: as passed there
     frozen = {"config": cfg, "train_flags": extra}
     if warm is not None:
         warm_dir = os.path.join(out, "warm-model")

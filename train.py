@@ -56,6 +56,9 @@ METHODS = {  # method -> (GRPO term, SDL term, student prompt carries the skill)
     "opd": (False, True, False),
     "skill-aug-grpo": (True, False, True),
 }
+# flags that change only where, how fast or what is logged: --resume with other values of these is not warned about
+RUN_ONLY = {"out", "resume", "device", "fsdp", "micro_batch", "chunk_size", "shared_prefix", "tf32_grads", "save_every",
+            "keep_checkpoints", "eval_every", "log_episodes", "wandb", "wandb_name", "summarizer_workers"}
 
 
 def parse_args(argv=None):
@@ -132,7 +135,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
     g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out; warns of changed flags")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     g.add_argument("--eval-every", type=int, default=8, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--eval-n", type=int, default=32, help="evaluation puzzles (first n of the fixed eval set)")
@@ -669,15 +672,21 @@ def truncate_jsonl(path, last_step):
 
 
 def start_run(args, rank, world, device, model):
-    """The output folder, args.json and the run's header line; returns the W&B run (--wandb, rank 0 only) or
-    None. A resumed run continues the same W&B run (its id is kept in OUT/wandb-id); W&B drops the re-logged
-    steps, which resuming reproduces exactly anyway."""
+    """The output folder, args.json (--resume: one warning lists the flags that differ from it, RUN_ONLY aside) and
+    the run's header line; returns the W&B run (--wandb, rank 0 only) or None. A resumed run continues the same
+    W&B run (its id is kept in OUT/wandb-id); W&B drops the re-logged steps, which resuming reproduces exactly."""
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         sys.exit(f"error: cannot use --out {args.out} as the output folder: {e.strerror}")
     if rank == 0:
-        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
+        path = os.path.join(args.out, "args.json")
+        was = json.load(open(path)) if args.resume and os.path.exists(path) else {}
+        changed = [f"--{k.replace('_', '-')} {was[k]} -> {v}" for k, v in vars(args).items()
+                   if k in was and k not in RUN_ONLY and was[k] != v]
+        if changed:  # the run goes on with the new values; what it means changed from this step on
+            print(f"warning: --resume with flags that change what the run means: {', '.join(changed)}", flush=True)
+        json.dump(vars(args), open(path, "w"), indent=1)
         print(f"{args.method} | model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params)"
               f" | {args.env} | {world} process(es) on {device} | out {args.out}", flush=True)
     if not args.wandb or rank != 0:
@@ -723,6 +732,7 @@ def main(argv=None):
 
     try:
         model, tok = load_model(args.model, device=device)
+        rollout.template_pieces(tok, args.model)  # a chat template the sampler cannot follow: one error line
         make_env = lambda: envs.make_env(args.env, **env_overrides(args))  # noqa: E731
         task_prompt = make_env().task_prompt()
         train_seeds = envs.task_set("train", args.train_tasks, env=args.env)

@@ -221,6 +221,21 @@ def wandb_history(run_dir):
     return rows
 
 
+def test_resume_with_changed_flags_warns_once_with_old_and_new_values(tmp_path, capsys):
+    out = str(tmp_path)
+    train.main(TINY + ["--steps", "1", "--out", out])
+    train.main(TINY + ["--steps", "1", "--out", out, "--resume"])  # the same flags (nothing left to run): silent
+    assert "warning" not in capsys.readouterr().out
+    train.main(TINY + ["--steps", "2", "--out", out, "--resume", "--lr", "2e-3", "--method", "grpo",
+                       "--temperature", "1.0", "--save-every", "2", "--log-episodes", "1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    parts = ["--method skill-sd -> grpo", "--lr 0.001 -> 0.002", "--temperature 0.7 -> 1.0", "--steps 1 -> 2"]
+    assert len(lines) == 1 and all(part in lines[0] for part in parts)  # one line: old and new values
+    # flags that only change where, how fast or what is logged are not listed; --lam resolves to 0.001 for both
+    assert "--save-every" not in lines[0] and "--log-episodes" not in lines[0] and "--lam" not in lines[0]
+    assert json.load(open(os.path.join(out, "args.json")))["method"] == "grpo"  # the next resume compares with it
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_holds_every_metric(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")

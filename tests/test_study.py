@@ -62,6 +62,18 @@ def test_dry_run_commands_parse_as_train_flags(tmp_path, capsys):
     assert last.out == str(tmp_path / "s" / "skill-sd-offpolicy" / "seed-1")
 
 
+def test_a_relative_out_stays_relative_in_every_command(tmp_path, capsys, monkeypatch):
+    """Run from the project root (where the runs run), --out reaches train.py, warmup.py and the files they write
+    as passed: committed run files then hold no machine paths (tests/test_readme.py checks docs/)."""
+    monkeypatch.chdir(ROOT)
+    cfg = config(tmp_path, {**TINY, "warmup": {"steps": 2}})
+    assert S.main(["--config", cfg, "--methods", "grpo", "--out", "runs/s", "--dry-run"]) == 0
+    warm, run = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert warm[warm.index("--out") + 1] == os.path.join("runs", "s", "warm-model")
+    args = train.parse_args(run[run.index("train.py") + 1:])
+    assert (args.out, args.model) == (os.path.join("runs", "s", "grpo", "seed-0"), os.path.join("runs", "s", "warm-model"))
+
+
 def test_a_warmup_config_starts_every_run_from_the_warm_model(tmp_path, capsys):
     cfg = config(tmp_path, {**TINY, "warmup": {"steps": 2, "lr": 1e-3}})
     out = tmp_path / "s"
