@@ -437,8 +437,8 @@ def step_metrics(step, eps, rewards, frac_zero_var, adv, gap, tally, use_grpo, u
     for g in range(P):
         rows = [i for i in range(g * G, (g + 1) * G) if i in gap]
         if rows and rewards[g].std() > 0:
-            means = [np.mean(flat[i]) for i in rows]
-            pairs += list(zip([adv[i] for i in rows], turn_centred(gap, rows), np.subtract(means, np.mean(means))))
+            ep_mean = [np.mean(flat[i]) for i in rows]
+            pairs += list(zip([adv[i] for i in rows], turn_centred(gap, rows), np.subtract(ep_mean, np.mean(ep_mean))))
     parts = all_gather_objects((means, weighted, summed, maxed, counts, pairs), world)
     m, total = reduce_metrics([p[:5] for p in parts], world)
     pairs = sum((p[5] for p in parts), [])

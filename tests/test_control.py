@@ -154,3 +154,22 @@ def test_grad_norms_leave_the_update_unchanged(tmp_path):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4, abs=1e-7)
         assert y["grad_norm_grpo"] >= 0 and y["grad_norm_sdl"] >= 0
     assert any(y["grad_norm_sdl"] > 0 for y in mb)
+
+
+def test_teacher_adv_corr_is_computed_on_groups_with_reward_spread(tmp_path, monkeypatch):
+    """A reward that varies with the sampled text gives the tiny model's groups unequal rewards, so the correlation
+    path of step_metrics runs end to end (the artefact test above exercises arm_rewards alone)."""
+    class Spread(envs.Sokoban):
+        def step(self, text):
+            obs, _, done, info = super().step(text)
+            return obs, float(len(text) % 3), done, info
+    make = envs.make_env
+    monkeypatch.setattr(envs, "make_env", lambda name, **kw: Spread(**{k: v for k, v in kw.items() if k != "parse"})
+                        if name == "sokoban" else make(name, **kw))
+    out = str(tmp_path)
+    train.main(TINY + ["--steps", "3", "--group-size", "4", "--out", out, "--eval-n", "0"])
+    ms = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    done = [m for m in ms if m["teacher_adv_corr"] is not None]
+    assert done and all(-1 <= m["teacher_adv_corr"] <= 1 and -1 <= m["teacher_adv_corr_episode_mean"] <= 1
+                        for m in done)
+    assert all(m["gap_turn1"] is not None for m in done)
