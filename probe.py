@@ -54,11 +54,12 @@ def probe(model, tok, env, seeds):
                                              skills.teacher_prompt(other, env.task_prompt()))):
             prompt = prompt_ids(tok, system, obs)
             idx = torch.tensor([prompt + ans])  # (1, T)
-            with torch.no_grad():
-                logp = torch.log_softmax(model(idx[:, :-1])[0].float(), -1)  # (T-1, V): position t predicts t+1
-            k = len(prompt) - 1  # predicts the answer's first token
-            row["logp"][cond] = logp[k:].gather(1, idx[0, k + 1:, None]).sum().item()
-            row["top"][cond] = envs.ACTION_NAMES[logp[k + len(head), move_ids].argmax().item()]
+            k = len(prompt) - 1  # the position that predicts the answer's first token
+            with torch.no_grad():  # the head only where it is read: the answer's positions
+                h = model(idx[:, :-1], return_hidden=True)[0, k:].float()  # (A, C), A = len(ans)
+                logp = torch.log_softmax(h @ model.head_weight.float().T, -1)  # (A, V): row j predicts answer token j
+            row["logp"][cond] = logp.gather(1, idx[0, k + 1:, None]).sum().item()
+            row["top"][cond] = envs.ACTION_NAMES[logp[len(head), move_ids].argmax().item()]
         out.append(row)
     return out
 
