@@ -19,6 +19,7 @@ Deliberate simplifications: Sokoban envs only; one forward per (level, prompt), 
 read from the first token after "<action>" (the probe stops if two moves share it).
 """
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -34,11 +35,20 @@ from warmup import answer, oracle_skill
 CONDITIONS = ("plain", "own skill", "other skill")
 
 
-def probe(model, tok, env, seeds):
-    """-> per level: {seed, solution, logp: {condition: float}, top: {condition: move}}."""
+def as_move_list(skill, sol):
+    """The same skill with its workflow written as the rule summariser writes a solved level's (a comma list)."""
+    return dataclasses.replace(skill, golden_workflow=f"Move sequence that solves this level ({len(sol)} moves): "
+                               f"{', '.join(sol)}. Send these moves in order, a few per turn, in the required format.")
+
+
+def probe(model, tok, env, seeds, form="answer"):
+    """-> per level: {seed, solution, logp: {condition: float}, top: {condition: move}}. form: how the privileged
+    workflow is written, "answer" (as --summarizer oracle: the answer format, turn by turn) or "list"."""
     rng = random.Random(0)
     n = env.max_actions_per_turn
     levels = [(s, *oracle_skill(env, s, rng)) for s in seeds]  # (seed, skill, solution)
+    if form == "list":
+        levels = [(s, as_move_list(k, sol), sol) for s, k, sol in levels]
     head = _encode(tok, "<action>")
     move_ids = [_encode(tok, "<action>" + m)[len(head):][:1] for m in envs.ACTION_NAMES]  # each move's first token
     if len({tuple(t) for t in move_ids}) != 4:
@@ -81,6 +91,9 @@ def main(argv=None):
     p.add_argument("--env", default="sokoban", help="a Sokoban env (sokoban, sokoban-paper, sokoban-8x8-2)")
     p.add_argument("--n", type=int, default=24, help="training levels probed (the first n of the fixed set)")
     p.add_argument("--max-turns", type=int, default=3, help="turns in the task prompt, as the runs that will use it")
+    p.add_argument("--form", default="answer", choices=["answer", "list"],
+                   help="the privileged workflow as --summarizer oracle writes it (answer format, turn by turn) or "
+                        "as a comma list of moves (the rule summariser's form for a solved level)")
     p.add_argument("--out", default=None, help="also write the per-level rows and the summary to this JSON file")
     a = p.parse_args(argv)
     try:
@@ -89,12 +102,12 @@ def main(argv=None):
             raise ValueError(f"the probe needs a Sokoban env, not {a.env!r}")
         seeds = envs.task_set("train", a.n, env=a.env)
         model, tok = load_model(a.model)
-        rows = probe(model, tok, env, seeds)
+        rows = probe(model, tok, env, seeds, a.form)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     s = report(rows)
     print(f"skill-reading probe: {a.model}, {s['levels']} training levels of {a.env}, first answer "
-          f"'<action>m1 || ...</action>' of the solver's solution")
+          f"'<action>m1 || ...</action>' of the solver's solution, workflow written as: {a.form}")
     print("| prompt | mean log-prob of the answer | top first move = solution's |\n|---|---|---|")
     for c in CONDITIONS:
         print(f"| {c} | {s['mean_logp'][c]:.2f} | {s['top_move_agrees'][c]} of {s['levels']} |")
@@ -103,7 +116,7 @@ def main(argv=None):
           f"of {s['levels']} levels")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"model": a.model, "env": a.env, "summary": s, "levels": rows}, f, indent=1)
+            json.dump({"model": a.model, "env": a.env, "form": a.form, "summary": s, "levels": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ def test_probe_scores_match_transformers(tmp_path):
     assert rows[0]["top"]["plain"] == best
     s = PR.report(rows)
     assert s["levels"] == 3 and 0 <= s["own_beats_other"] <= 3
+    listed = PR.as_move_list(skill, sol)  # the same moves as a comma list: same moves, no answer format
+    assert workflow_moves(listed.golden_workflow) == sol and "<action>" not in listed.golden_workflow
+    assert PR.probe(model, tok, env, seeds, form="list")[0]["logp"]["plain"] == pytest.approx(rows[0]["logp"]["plain"])
     assert s["top_move_agrees"]["plain"] == sum(r["top"]["plain"] == r["solution"][0] for r in rows)
 
 
