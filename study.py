@@ -135,7 +135,9 @@ def load_run(run_dir):
 # training diagnostics compared per method: metrics.jsonl key (a.b = key b of dict a) -> column title
 DIAGNOSTICS = {"success": "rollout success", "frac_zero_var": "zero-variance groups", "entropy": "entropy",
                "distill_frac": "distilled episodes", "gap": "gap", "teacher_adv_corr": "teacher-adv. corr",
-               "skills.hit_rate": "skill hit rate", "step_time": "s / step"}
+               "teacher_adv_corr_episode_mean": "old per-episode corr", "grad_norm": "grad norm (pre-clip)",
+               "grad_norm_grpo": "GRPO grad norm", "grad_norm_sdl": "SDL grad norm", "skills.hit_rate": "skill hit rate",
+               "step_time": "s / step"}
 
 
 def step_mean(metrics, key):
