@@ -30,9 +30,13 @@ Deliberate simplifications:
   last is read. Two forward calls per micro-batch cost host time: on a GPU with a small model that can eat the
   saving.
 """
+import os
+import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
 
 from model import autocast
@@ -45,9 +49,9 @@ class KVCache:
 
     def __init__(self, config, batch, capacity, device="cpu", dtype=torch.float32):
         shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)  # (L, B, H, T, D)
-        # empty is safe: a column is only ever read after a block (padding included) has written it
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: the decode step reads unwritten columns too (masked, weight 0, but 0 * NaN is NaN)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, T) real tokens
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of the next token
         self.cursor, self.block = 0, (0, 0)  # block: the columns prepare() opened, which update() fills
@@ -56,12 +60,10 @@ class KVCache:
         """Open a block of W columns at the cursor for `valid` (B, W), True = real token; return its RoPE
         positions (B, W) and attention mask (B, 1, W, S), True = attend. In order: make room, record the block
         (update() writes into self.block), advance each row's next position, build the mask."""
-        (B, T), W = self.valid.shape, valid.shape[-1]
+        B, W = self.valid.shape[0], valid.shape[-1]
         if valid.ndim != 2 or valid.shape[0] != B:
             raise ValueError(f"valid must be (B={B}, W) bool, got {tuple(valid.shape)}")
-        if self.cursor + W > T:  # full: pack the rows' real columns, and double if still short
-            n = int(self.valid[:, :self.cursor].sum(1).max())
-            self.select(range(B), T if n + W <= T else max(2 * T, n + W))
+        self.reserve(W)
         start, end = self.cursor, self.cursor + W
         self.cursor, self.block = end, (start, end)  # the columns update() fills, layer by layer
         self.valid[:, start:end] = valid
@@ -80,6 +82,14 @@ class KVCache:
         self.v[i, :, :, start:end] = v
         return self.k[i, :, :, :end], self.v[i, :, :, :end]
 
+    def reserve(self, W):
+        """Room for W more columns at the cursor: when full, pack the rows' real columns, and double if still short
+        (capacities stay round_up's multiples, times 2^k: few distinct shapes for the compiled decode step)."""
+        B, T = self.valid.shape
+        if self.cursor + W > T:
+            n = int(self.valid[:, :self.cursor].sum(1).max())
+            self.select(range(B), T if n + W <= T else max(2 * T, n + W))
+
     def select(self, rows, capacity=None):
         """Keep only `rows` (in that order; a row listed G times is forked G times) and compact: each row's real
         columns move, in order, to the end of the first n columns (n = the most real tokens of any kept row), its
@@ -92,13 +102,80 @@ class KVCache:
         cols = valid.to(torch.uint8).sort(dim=1, stable=True).indices[:, valid.shape[1] - n:]  # (B', n)
         (L, _, H, _, D), T = self.k.shape, capacity or self.valid.shape[1]
         for name in ("k", "v"):
-            new = torch.empty(L, len(rows), H, T, D, device=self.k.device, dtype=self.k.dtype)
+            new = torch.zeros(L, len(rows), H, T, D, device=self.k.device, dtype=self.k.dtype)
             kept = getattr(self, name)[:, rows[:, None], :, cols]  # (B', n, L, H, D): indexed dims come first
             new[:, :, :, :n] = kept.permute(2, 0, 3, 1, 4)
             setattr(self, name, new)
         self.valid = torch.zeros(len(rows), T, dtype=torch.bool, device=valid.device)
         self.valid[:, :n] = valid.gather(1, cols)
         self.next_pos, self.cursor = self.next_pos[rows], n
+
+
+def round_up(n, to=128):
+    """Cache capacities are multiples of 128 columns: few distinct shapes for the compiled decode step (on CUDA
+    one graph per shape), at most 127 unused columns attended to, masked."""
+    return -(-n // to) * to
+
+
+class Column:
+    """The cache protocol of the decode step: one new column per row, written by index at column `col` of a
+    KVCache's buffers ((1,) tensor: moving it needs no recompile). Nothing changes shape within a turn and nothing
+    is allocated but activations, as torch.compile and CUDA graphs want; the price is attention over all T
+    columns, the unwritten ones masked. The KVCache's cursor is synced at the end of the turn (sync)."""
+
+    def __init__(self, cache):
+        self.cache, self.k, self.v, self.valid, self.next_pos = cache, cache.k, cache.v, cache.valid, cache.next_pos
+        self.col = torch.tensor([cache.cursor], device=cache.valid.device)  # (1,)
+        self.cols = torch.arange(cache.valid.shape[1], device=cache.valid.device)  # (T,)
+
+    def prepare(self, valid):
+        """valid (B, 1) -> RoPE positions (B, 1) and mask (B, 1, 1, T): the real columns, and itself."""
+        return self.next_pos[:, None], (self.valid | (self.cols == self.col))[:, None, None]
+
+    def update(self, i, k, v):
+        """Write layer i's new column (B, H, 1, D); return all T columns (B, H, T, D)."""
+        self.k[i].index_copy_(2, self.col, k)
+        self.v[i].index_copy_(2, self.col, v)
+        return self.k[i], self.v[i]
+
+    def sync(self):
+        self.cache.cursor = int(self.col)
+
+
+def decode_step(model, col, tok, active):
+    """The sampler's hot step: write tok (B,) at column col.col (active (B,) False: padding) and return the fp32
+    logits (B, V) of the next token. Compiled by _decode; mutates only col's tensors, in place."""
+    logits = _forward_last(model, col, tok[:, None], active[:, None])
+    col.valid.index_copy_(1, col.col, active[:, None])  # after the forward: the mask above saw the new column anyway
+    col.next_pos += active
+    col.col += 1
+    return logits
+
+
+# compile the decode step (see _decode); False: --no-compile of train.py / eval.py, or SKILL_SD_COMPILE=0 for every
+# process (the tests: compiling costs tens of seconds per process on a small CPU)
+COMPILE = os.environ.get("SKILL_SD_COMPILE", "1") != "0"
+_compiled = None  # torch.compile(decode_step), made on first use; False once compiling failed
+
+
+def _decode(model, col, tok, active):
+    """decode_step, compiled where torch.compile works (CPU with a C++ compiler, CUDA with CUDA graphs); the first
+    failure (no compiler, unsupported device) gives one warning and the eager step from then on. fullgraph: a
+    compile error surfaces before the graph runs, so nothing was written when the eager step takes over."""
+    global _compiled
+    if COMPILE and _compiled is not False and not isinstance(model, FSDPModule):
+        try:
+            if _compiled is None:
+                mode = "reduce-overhead" if tok.device.type == "cuda" else None  # CUDA graphs: no launch cost
+                _compiled, t = torch.compile(decode_step, fullgraph=True, dynamic=True, mode=mode), time.time()
+                logits = _compiled(model, col, tok, active)
+                print(f"rollout: compiled the decode step in {time.time() - t:.0f} s (--no-compile: eager)", flush=True)
+                return logits
+            return _compiled(model, col, tok, active)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"torch.compile failed, decoding eagerly ({type(e).__name__}: {str(e)[:200]})")
+            _compiled = False
+    return decode_step(model, col, tok, active)
 
 
 @dataclass
@@ -181,6 +258,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     n = torch.zeros(B, dtype=torch.long, device=dev)
     cut = torch.zeros(B, dtype=torch.bool, device=dev)
     eos = torch.tensor([eos_id], device=dev) if min_new else None  # once, not a host-to-device copy per step
+    cache.reserve(max_new)  # room for the whole turn: the decode steps keep their shapes
+    col = Column(cache)
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
@@ -199,8 +278,9 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
             still &= ~cut
         if not still.any():
             break
-        logits = _forward_last(model, cache, tok[:, None], active[:, None])  # rows done this turn: padding
+        logits = _decode(model, col, tok, active)  # rows done this turn: padding
         active = still
+    col.sync()
     tok, logp, n = tok_buf.tolist(), logp_buf.tolist(), n.tolist()
     return [tok[r][:n[r]] for r in range(B)], [logp[r][:n[r]] for r in range(B)], active.tolist(), cut.tolist()
 
@@ -275,7 +355,7 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
 
     # 3. prefill each distinct prompt once, then fork its cache row G times (row p -> rows p*G .. p*G+G-1)
     dev = model.head_weight.device
-    cache = KVCache(cfg, P, W0 + max_new_tokens, dev, _cache_dtype(model))  # grows when observations arrive
+    cache = KVCache(cfg, P, round_up(W0 + max_new_tokens), dev, _cache_dtype(model))  # grows when observations come
     logits = _forward_last(model, cache, *_left_pad(prompts, pad_id, dev)).repeat_interleave(G, 0)  # (P*G, V)
     cache.select([p for p in range(P) for _ in range(G)])
     rows = list(range(P * G))  # rows[r] = episode held by cache row r
@@ -343,7 +423,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     dev, W0 = model.head_weight.device, max(map(len, ids))
-    cache = KVCache(model.config, len(ids), W0 + max_new_tokens, dev, _cache_dtype(model))
+    cache = KVCache(model.config, len(ids), round_up(W0 + max_new_tokens), dev, _cache_dtype(model))
     logits = _forward_last(model, cache, *_left_pad(ids, pad_id, dev))
     out = _sample_turn(model, cache, logits, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
                        min_new_tokens, model.config.max_position_embeddings)[0]
