@@ -55,6 +55,7 @@ class KVCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, T) real tokens
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of the next token
         self.cursor, self.block = 0, (0, 0)  # block: the columns prepare() opened, which update() fills
+        self.col = torch.zeros(1, dtype=torch.long, device=device)  # the cursor on the device, for Column
 
     def prepare(self, valid):
         """Open a block of W columns at the cursor for `valid` (B, W), True = real token; return its RoPE
@@ -125,8 +126,11 @@ class Column:
 
     def __init__(self, cache):
         self.cache, self.k, self.v, self.valid, self.next_pos = cache, cache.k, cache.v, cache.valid, cache.next_pos
-        self.col = torch.tensor([cache.cursor], device=cache.valid.device)  # (1,)
+        self.col = cache.col.fill_(cache.cursor)  # (1,)
         self.cols = torch.arange(cache.valid.shape[1], device=cache.valid.device)  # (T,)
+        if self.col.is_cuda:  # CUDA graphs mutate inputs in place only at fixed addresses (re-recorded if they move)
+            for t in (self.k, self.v, self.valid, self.next_pos, self.col):
+                torch._dynamo.mark_static_address(t)
 
     def prepare(self, valid):
         """valid (B, 1) -> RoPE positions (B, 1) and mask (B, 1, 1, T): the real columns, and itself."""
