@@ -192,7 +192,7 @@ def copy_bandwidth(device, gib=2.0):
 
 def decode_steps(model, B, prompt_len, steps, compiled, warm=3):
     """(seconds per decode step, seconds of compile and warm-up, logits of the first 4 steps) of rollout's own
-    decode step (rollout._decode; on CUDA fp32 master weights under bf16 autocast, as train.py samples), greedy,
+    decode step (rollout.decode_step; on CUDA fp32 master weights under bf16 autocast, as train.py samples), greedy,
     after a prefill of random prompts; sampling excluded. A fresh compile per setting (dynamo reset)."""
     torch._dynamo.reset()
     R.COMPILE, R._compiled = compiled, None
@@ -202,14 +202,14 @@ def decode_steps(model, B, prompt_len, steps, compiled, warm=3):
         g = torch.Generator(dev).manual_seed(0)
         idx = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=dev, generator=g)
         logits = R._forward_last(model, cache, idx, torch.ones_like(idx, dtype=torch.bool))
-        col, active, first = R.Column(cache), torch.ones(B, dtype=torch.bool, device=dev), []
+        cols, active, first = cache.columns(), torch.ones(B, dtype=torch.bool, device=dev), []
         sync(dev)
         t0 = t1 = time.perf_counter()
         for i in range(warm + steps):
             if i == warm:
                 sync(dev)
                 t1 = time.perf_counter()
-            logits = R._decode(model, col, logits.argmax(-1), active)
+            logits = R.decode_step(model, cache, cols, logits.argmax(-1), active)
             if i < 4:
                 first.append(logits.float().clone())
         sync(dev)

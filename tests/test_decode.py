@@ -38,7 +38,7 @@ def rollouts(model, tok, **kw):
 
 
 def test_static_step_equals_the_block_path_and_a_full_forward():
-    """Decode steps through Column (all T columns attended, unwritten ones masked, writes by index) give the logits
+    """Decode steps through Columns (all T columns attended, unwritten ones masked, writes by index) give the logits
     of the KVCache block path (one column per block) and of an uncached forward over each row's real tokens,
     also with some rows riding along as padding and with twice the capacity."""
     model, _ = M.load("tiny")
@@ -51,14 +51,14 @@ def test_static_step_equals_the_block_path_and_a_full_forward():
     with torch.no_grad():
         for name, cache in caches.items():
             out[name] = [R._forward_last(model, cache, *R._left_pad(prompts, 0, "cpu"))]
-            col = R.Column(cache)
+            cols = cache.columns()
             for tok, act in zip(steps, active):
                 if name == "block":
                     out[name].append(R._forward_last(model, cache, tok[:, None], act[:, None]))
                 else:
-                    out[name].append(R.decode_step(model, col, tok, act))
+                    out[name].append(R.decode_step(model, cache, cols, tok, act))
             if name != "block":
-                col.sync()
+                cache.cursor = int(cache.col)
         real = torch.cat([torch.ones(1, 3, dtype=torch.bool), active])  # a padding row's logits are never read
         for name in caches:
             assert torch.allclose(torch.stack(out[name])[real], torch.stack(out["block"])[real], atol=1e-5), name
