@@ -166,6 +166,17 @@ class Transformer(nn.Module):
         """(V, C) output projection: logits == hidden @ head_weight.T (the embedding when tied)."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def rope(self, pos, x):
+        """cos, sin (B, 1, W, D) of positions pos (B, W), computed in fp32 even in a bf16 model, in the dtype the
+        projections of x will produce (bf16 under autocast)."""
+        if self.inv_freq.device != pos.device:
+            self.inv_freq = self.inv_freq.to(pos.device)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, W, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, W, D)
+        dev = pos.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return emb.cos().to(dt), emb.sin().to(dt)
+
     def forward(self, idx, cache=None, valid=None, return_hidden=False):
         B, W = idx.shape
         if cache is not None:
@@ -176,14 +187,8 @@ class Transformer(nn.Module):
             if valid is not None and (valid[:, 1:] > valid[:, :-1]).any():
                 raise ValueError("valid without a cache must be right padding; left-padded input needs a cache")
             pos, mask = torch.arange(W, device=idx.device).expand(B, W), None
-        if self.inv_freq.device != idx.device:
-            self.inv_freq = self.inv_freq.to(idx.device)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, W, D/2), fp32 even in a bf16 model
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, W, D)
         x = self.tok_emb(idx)  # (B, W, C)
-        dev = idx.device.type  # rotate q, k in the dtype the projections produce (bf16 under autocast)
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+        cos, sin = self.rope(pos, x)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = self.norm(x)  # (B, W, C)

@@ -30,9 +30,13 @@ Deliberate simplifications:
   last is read. Two forward calls per micro-batch cost host time: on a GPU with a small model that can eat the
   saving.
 """
+import os
+import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
 
 from model import autocast
@@ -44,24 +48,25 @@ class KVCache:
     update(i, k, v) once per layer, which writes layer i's keys/values into that block. T grows when full."""
 
     def __init__(self, config, batch, capacity, device="cpu", dtype=torch.float32):
-        shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)  # (L, B, H, T, D)
-        # empty is safe: a column is only ever read after a block (padding included) has written it
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch, config.n_kv_heads, capacity, config.head_dim)  # (B, H, T, D)
+        # one tensor per layer: the compiled decode step writes each in place (views of one tensor would alias,
+        # and compiled code would copy them); zeros, not empty: the decode step reads unwritten columns too
+        # (masked, weight 0, but 0 * NaN is NaN)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]  # L x (B, H, T, D)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, T) real tokens
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of the next token
         self.cursor, self.block = 0, (0, 0)  # block: the columns prepare() opened, which update() fills
+        self.col = torch.zeros(1, dtype=torch.long, device=device)  # the cursor on the device, for Column
 
     def prepare(self, valid):
         """Open a block of W columns at the cursor for `valid` (B, W), True = real token; return its RoPE
         positions (B, W) and attention mask (B, 1, W, S), True = attend. In order: make room, record the block
         (update() writes into self.block), advance each row's next position, build the mask."""
-        (B, T), W = self.valid.shape, valid.shape[-1]
+        B, W = self.valid.shape[0], valid.shape[-1]
         if valid.ndim != 2 or valid.shape[0] != B:
             raise ValueError(f"valid must be (B={B}, W) bool, got {tuple(valid.shape)}")
-        if self.cursor + W > T:  # full: pack the rows' real columns, and double if still short
-            n = int(self.valid[:, :self.cursor].sum(1).max())
-            self.select(range(B), T if n + W <= T else max(2 * T, n + W))
+        self.reserve(W)
         start, end = self.cursor, self.cursor + W
         self.cursor, self.block = end, (start, end)  # the columns update() fills, layer by layer
         self.valid[:, start:end] = valid
@@ -76,9 +81,25 @@ class KVCache:
     def update(self, i, k, v):
         """Store layer i's block (B, H, W, D); return its keys / values over all S columns (B, H, S, D)."""
         start, end = self.block
-        self.k[i, :, :, start:end] = k
-        self.v[i, :, :, start:end] = v
-        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+        self.k[i][:, :, start:end] = k
+        self.v[i][:, :, start:end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+    def columns(self):
+        """The decode step's per-layer caches, writing at the cursor (sync the cursor back after: int(self.col))."""
+        self.col.fill_(self.cursor)
+        if self.col.is_cuda:  # CUDA graphs mutate inputs in place only at fixed addresses (re-recorded if they move)
+            for t in self.k + self.v + [self.valid, self.next_pos, self.col]:
+                torch._dynamo.mark_static_address(t)
+        return [Column(k, v, self.col) for k, v in zip(self.k, self.v)]
+
+    def reserve(self, W):
+        """Room for W more columns at the cursor: when full, pack the rows' real columns, and double if still short
+        (capacities stay round_up's multiples, times 2^k: few distinct shapes for the compiled decode step)."""
+        B, T = self.valid.shape
+        if self.cursor + W > T:
+            n = int(self.valid[:, :self.cursor].sum(1).max())
+            self.select(range(B), T if n + W <= T else max(2 * T, n + W))
 
     def select(self, rows, capacity=None):
         """Keep only `rows` (in that order; a row listed G times is forked G times) and compact: each row's real
@@ -90,15 +111,93 @@ class KVCache:
         n = int(valid.sum(1).max()) if len(rows) else 0
         # a stable sort puts each row's padding first and keeps its real columns in order; keep the last n
         cols = valid.to(torch.uint8).sort(dim=1, stable=True).indices[:, valid.shape[1] - n:]  # (B', n)
-        (L, _, H, _, D), T = self.k.shape, capacity or self.valid.shape[1]
+        (_, H, _, D), T = self.k[0].shape, capacity or self.valid.shape[1]
         for name in ("k", "v"):
-            new = torch.empty(L, len(rows), H, T, D, device=self.k.device, dtype=self.k.dtype)
-            kept = getattr(self, name)[:, rows[:, None], :, cols]  # (B', n, L, H, D): indexed dims come first
-            new[:, :, :, :n] = kept.permute(2, 0, 3, 1, 4)
+            new = [torch.zeros(len(rows), H, T, D, device=x.device, dtype=x.dtype) for x in getattr(self, name)]
+            for x, old in zip(new, getattr(self, name)):
+                x[:, :, :n] = old[rows[:, None], :, cols].transpose(1, 2)  # (B', n, H, D): indexed dims first
             setattr(self, name, new)
         self.valid = torch.zeros(len(rows), T, dtype=torch.bool, device=valid.device)
         self.valid[:, :n] = valid.gather(1, cols)
         self.next_pos, self.cursor = self.next_pos[rows], n
+
+
+def round_up(n, to=128):
+    """Cache capacities are multiples of 128 columns: few distinct shapes for the compiled decode step (on CUDA
+    one graph per shape), at most 127 unused columns attended to, masked."""
+    return -(-n // to) * to
+
+
+class Column:
+    """Layer i's cache in the decode step (Block.forward's `cache`): one new column per row, written by index at
+    column `col`, a (1,) tensor (moving it needs no recompile), into a KVCache's buffers. Nothing changes
+    shape within a turn and nothing but activations is allocated, as torch.compile and CUDA graphs want; the price
+    is attention over all T columns, the unwritten ones masked."""
+
+    def __init__(self, k, v, col):
+        self.k, self.v, self.col = k, v, col  # (B, H, T, D), (B, H, T, D), (1,)
+
+    def update(self, i, k, v):
+        """Write this layer's new column (B, H, 1, D) (i: this Column's layer); return all T columns (B, H, T, D)."""
+        self.k.index_copy_(2, self.col, k)
+        self.v.index_copy_(2, self.col, v)
+        return self.k, self.v
+
+
+def decode_step(model, cache, cols, tok, active):
+    """The sampler's hot step with static shapes: write tok (B,) at column cache.col (active (B,) False: a padding
+    row) and return the fp32 logits (B, V) of the next token. Transformer.forward for one column; cols: the
+    layers' Columns (KVCache.columns). Mutates cache.k / v / valid / next_pos / col in place, nothing else."""
+    T = cache.valid.shape[1]
+    mask = (cache.valid | (torch.arange(T, device=tok.device) == cache.col))[:, None, None]  # (B, 1, 1, T)
+    if tok.is_cuda and COMPILE:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the blocks' CUDA graphs may reuse their outputs
+    with autocast(tok.device):
+        x = model.tok_emb(tok[:, None])  # (B, 1, C)
+        cos, sin = model.rope(cache.next_pos[:, None], x)  # tok's position: next_pos (B, 1)
+        for layer, col in zip(model.layers, cols):
+            x = _block(layer, x, cos, sin, mask, col)
+        h = model.norm(x)[:, -1]  # (B, C)
+    cache.valid.index_copy_(1, cache.col, active[:, None])  # the mask above saw the new column anyway
+    cache.next_pos += active
+    cache.col += 1
+    return _head(model, h)
+
+
+# compile the decode step's blocks (see _block); False: --no-compile of train.py / eval.py, or SKILL_SD_COMPILE=0 for
+# every process (the tests: compiling costs seconds to tens of seconds per process on a small CPU)
+COMPILE = os.environ.get("SKILL_SD_COMPILE", "1") != "0"
+_compiled = None  # the compiled block, made on first use; False once compiling failed
+
+
+def _block(layer, x, cos, sin, mask, col):
+    """layer(x) in the decode step, compiled where torch.compile works (CPU with a C++ compiler; CUDA, with CUDA
+    graphs). One block is compiled and serves every layer (the layers differ only in their weights, which are
+    inputs): a whole-step graph took minutes to compile on a 2-core CPU. The first failure (no compiler, an
+    unsupported device) gives one warning and the eager block from then on; fullgraph: a compile error surfaces
+    before the graph runs, so nothing was written when the eager block takes over."""
+    global _compiled
+    if COMPILE and _compiled is not False and not isinstance(layer, FSDPModule):
+        try:
+            if _compiled is not None:
+                return _compiled(layer, x, cos, sin, mask, col)
+            mode = "reduce-overhead" if x.is_cuda else None  # CUDA graphs: no kernel launch cost
+            _compiled, t = torch.compile(_run_block, fullgraph=True, mode=mode), time.time()
+            # rows (B) and cache columns (T) vary between turns and runs: one graph for all of them (B = 1 aside)
+            for a, dims in ((x, (0,)), (cos, (0,)), (sin, (0,)), (mask, (0, 3)), (col.k, (0, 2)), (col.v, (0, 2))):
+                for d in dims:
+                    torch._dynamo.maybe_mark_dynamic(a, d)
+            x = _compiled(layer, x, cos, sin, mask, col)
+            print(f"rollout: compiled the decode step in {time.time() - t:.0f} s (--no-compile: eager)", flush=True)
+            return x
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"torch.compile failed, decoding eagerly ({type(e).__name__}: {str(e)[:200]})")
+            _compiled = False
+    return _run_block(layer, x, cos, sin, mask, col)
+
+
+def _run_block(layer, x, cos, sin, mask, col):
+    return layer(x, cos, sin, mask, col, None)  # the layer index: col is this layer's cache already
 
 
 @dataclass
@@ -145,7 +244,11 @@ def _forward_last(model, cache, idx, valid):
     on the last column only (an observation block of 100 columns would otherwise cost 100x the head)."""
     with autocast(idx.device):
         h = model(idx, cache=cache, valid=valid, return_hidden=True)[:, -1]  # (B, C)
-    with torch.autocast(idx.device.type, enabled=False):  # fp32 head even inside a caller's bf16 autocast:
+    return _head(model, h)
+
+
+def _head(model, h):
+    with torch.autocast(h.device.type, enabled=False):  # fp32 head even inside a caller's bf16 autocast:
         return h.float() @ model.head_weight.float().T   # logp_old must match the trainer's fp32 scoring
 
 
@@ -181,6 +284,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     n = torch.zeros(B, dtype=torch.long, device=dev)
     cut = torch.zeros(B, dtype=torch.bool, device=dev)
     eos = torch.tensor([eos_id], device=dev) if min_new else None  # once, not a host-to-device copy per step
+    cache.reserve(max_new)  # room for the whole turn: the decode steps keep their shapes
+    cols = cache.columns()
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
@@ -199,8 +304,9 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
             still &= ~cut
         if not still.any():
             break
-        logits = _forward_last(model, cache, tok[:, None], active[:, None])  # rows done this turn: padding
+        logits = decode_step(model, cache, cols, tok, active)  # rows done this turn: padding
         active = still
+    cache.cursor = int(cache.col)
     tok, logp, n = tok_buf.tolist(), logp_buf.tolist(), n.tolist()
     return [tok[r][:n[r]] for r in range(B)], [logp[r][:n[r]] for r in range(B)], active.tolist(), cut.tolist()
 
@@ -277,7 +383,7 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
 
     # 3. prefill each distinct prompt once, then fork its cache row G times (row p -> rows p*G .. p*G+G-1)
     dev = model.head_weight.device
-    cache = KVCache(cfg, P, W0 + max_new_tokens, dev, _cache_dtype(model))  # grows when observations arrive
+    cache = KVCache(cfg, P, round_up(W0 + max_new_tokens), dev, _cache_dtype(model))  # grows when observations come
     logits = _forward_last(model, cache, *_left_pad(prompts, pad_id, dev)).repeat_interleave(G, 0)  # (P*G, V)
     cache.select([p for p in range(P) for _ in range(G)])
     rows = list(range(P * G))  # rows[r] = episode held by cache row r
@@ -345,7 +451,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     dev, W0 = model.head_weight.device, max(map(len, ids))
-    cache = KVCache(model.config, len(ids), W0 + max_new_tokens, dev, _cache_dtype(model))
+    cache = KVCache(model.config, len(ids), round_up(W0 + max_new_tokens), dev, _cache_dtype(model))
     logits = _forward_last(model, cache, *_left_pad(ids, pad_id, dev))
     out = _sample_turn(model, cache, logits, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
                        min_new_tokens, model.config.max_position_embeddings)[0]

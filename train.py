@@ -132,6 +132,7 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None,
                    help="most tokens an episode may hold, longer ones are cut (None: max_position_embeddings)")
+    g.add_argument("--no-compile", action="store_true", help="decode eagerly (default: torch.compile the decode step)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
     g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")
@@ -723,6 +724,8 @@ def run_eval(model, tok, args, rank, world, device, step):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.no_compile:
+        rollout.COMPILE = False
     rank, world, device = setup_dist(args)
     random.seed(args.seed)
     np.random.seed(args.seed)

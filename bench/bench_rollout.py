@@ -4,11 +4,15 @@
     across turns, observations appended as blocks). Baseline: each turn re-render every conversation with the
     chat template, re-tokenize it, and call HF generate on the left-padded batch (what a naive agent loop does).
 (b) single-turn: B=16 chat prompts, 64 new tokens, greedy. Ours: generate(). Baseline: HF generate (KV cache).
+(c) our decode step at B=1 and B=16 (per new token of generate(), sampling included) against the physical bound:
+    the larger of weight bytes / copy bandwidth (a 256 MB numpy copy: bytes copied / time) and 2 x parameters x B
+    FLOPs / fp32 matmul peak (2048^3), both measured in this process, before and after the steps.
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
 the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
-keeps each side's best. About 4 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it); when
-other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
-Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts ab] [--threads N]
+keeps each side's best. Ours decodes with the compiled step unless --no-compile; the compile happens in the
+warm-up and its time is printed. About 6 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it);
+when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
+Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts abc] [--threads N] [--no-compile]
 """
 import argparse
 import os
@@ -19,6 +23,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -72,14 +77,20 @@ def bench(name, new_tokens, parts):
             M.save(model, tok, d)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     seeds = envs.task_set("eval", P)
-    # warm up both sides (first-call allocations, kernel selection)
-    R.generate(model, tok, ["hi"], 2)
+    # warm up both sides (first-call allocations, kernel selection; ours: the compile, B = 1 and B > 1)
+    t = time.perf_counter()
+    R.generate(model, tok, ["hi"], 3)
+    R.generate(model, tok, ["hi", "hello"], 3)
+    print(f"[{name}] warm-up of ours {time.perf_counter() - t:.1f} s ({'compiled' if R._compiled else 'eager'} "
+          "decode step)", flush=True)
     hf.generate(**tok(["hi"], return_tensors="pt"), max_new_tokens=2, pad_token_id=tok.pad_token_id)
 
     if "a" in parts:
         multi_turn(name, model, tok, hf, seeds, new_tokens)
     if "b" in parts:
         single_turn(name, model, tok, hf)
+    if "c" in parts:
+        decode_vs_bound(name, model, tok)
 
 
 def multi_turn(name, model, tok, hf, seeds, new_tokens):
@@ -93,7 +104,7 @@ def multi_turn(name, model, tok, hf, seeds, new_tokens):
     print(f"[{name}] (a) multi-turn P={P} G={G} {TURNS} turns, {new_tokens} new tokens/turn, "
           f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
           f"ours {len(eps) / t_ours:.3f} ep/s ({t_before:.1f} s / {t_after:.1f} s before / after), HF generate loop {n / t_hf:.3f} ep/s "
-          f"({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x (goal >= 3x)", flush=True)
+          f"({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x (goal >= 5x)", flush=True)
 
 
 def single_turn(name, model, tok, hf):
@@ -114,16 +125,51 @@ def single_turn(name, model, tok, hf):
     t_ours, t_hf = min(t_ours), min(t_hf)
     print(f"[{name}] (b) single-turn B={B}, {N} new tokens, greedy: ours {B * N / t_ours:.1f} tok/s "
           f"({t_ours:.2f} s), HF generate {B * N / t_hf:.1f} tok/s ({t_hf:.2f} s) -> ratio {t_hf / t_ours:.2f}x "
-          f"(goal >= 1.0x, stretch 1.3x; best of 2 each)", flush=True)
+          f"(goal >= 1.3x; best of 2 each)", flush=True)
+
+
+def hardware():
+    """(copy bandwidth in bytes/s, fp32 matmul peak in FLOP/s), best of 5 each."""
+    src = np.ones(64 * 2**20, dtype=np.float32)  # 256 MB
+    dst, a, b = np.empty_like(src), torch.randn(2048, 2048), torch.randn(2048, 2048)
+    copy = min(timed(lambda: np.copyto(dst, src))[1] for _ in range(5))
+    mm = min(timed(lambda: a @ b)[1] for _ in range(5))
+    return src.nbytes / copy, 2 * 2048**3 / mm
+
+
+def decode_vs_bound(name, model, tok, N=32):
+    bw, peak = hardware()
+    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding once: the head reads it
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    steps = {}
+    for B in (1, 16):
+        prompts = [tok.apply_chat_template([{"role": "user", "content": f"Question {i}: why?"}], tokenize=False,
+                                           add_generation_prompt=True) for i in range(B)]
+        gen = lambda n: R.generate(model, tok, prompts, n, min_new_tokens=n)  # noqa: E731
+        # per new token: (N + 1 tokens) - (1 token) cancels the prefill; best of 3
+        steps[B] = min(timed(lambda: gen(N + 1))[1] - timed(lambda: gen(1))[1] for _ in range(3)) / N
+    bw2, peak2 = hardware()
+    bw, peak = max(bw, bw2), max(peak, peak2)  # before and after: the better of each
+    print(f"[{name}] (c) copy bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, "
+          f"{weight_bytes / 1e6:.0f} MB of weights, {n_params / 1e6:.1f}M parameters", flush=True)
+    for B, t in steps.items():
+        mem, flops = weight_bytes / bw, 2 * n_params * B / peak
+        bound = max(mem, flops)
+        print(f"[{name}] (c) decode step B={B}: {t * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms "
+              f"({'weights' if mem >= flops else 'FLOPs'}; weights {mem * 1e3:.1f} ms, FLOPs {flops * 1e3:.1f} ms) "
+              f"-> {t / bound:.2f}x the bound (goal <= {2.0 if B == 1 else 2.5}x)", flush=True)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,tiny", help="comma-separated model names (default: both)")
     ap.add_argument("--new-tokens", type=int, default=24, help="tokens sampled per turn in (a) (default 24)")
-    ap.add_argument("--parts", default="ab", help="which measurements: a (multi-turn), b (single-turn); default ab")
+    ap.add_argument("--parts", default="abc",
+                    help="which measurements: a (multi-turn), b (single-turn), c (decode step vs bound); default abc")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, both sides (default: torch's choice)")
+    ap.add_argument("--no-compile", action="store_true", help="ours decodes eagerly")
     args = ap.parse_args()
+    R.COMPILE = not args.no_compile
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start "

@@ -9,6 +9,14 @@
 4. train.py end to end on CUDA with a ~0.2B random model (byte tokenizer): steps complete, tokens/s.
 5. Shared-prefix vs plain training step (bench/bench_train.py) in bf16 on a random model of Qwen3-0.6B's shape:
    log-probs and gradients agree, times and ratios for G = 4 x 247-token and G = 8 x 2,000-token prompts.
+
+    python bench/gpu_check.py --issue23              # about 10-13 minutes on one H100 / H200 (see issue23())
+    python bench/gpu_check.py --issue23 --cpu-smoke  # the same code on CPU at toy sizes (numbers mean nothing)
+
+Issue 23: the sampler's decode step eager vs compiled with CUDA graphs vs the HBM bound, on random models of
+Qwen3-0.6B's and Qwen3-4B's shapes at B = 1 and 64; the shared-prefix step (check 5); one train.py step at the
+paper's shapes on a random Qwen3-4B (sokoban-paper, 512-token turns, --fsdp on one nccl rank): peak memory and the
+step split into rollouts, teacher scoring and the rest (loss, backward, optimizer).
 """
 import json
 import os
@@ -138,6 +146,184 @@ def check_shared_prefix():
 
 
 
+# ----------------------------------------------------------------------------- issue 23
+
+QWEN3 = {"qwen3-0.6b": dict(hidden_size=1024, n_layers=28, n_heads=16, intermediate_size=3072),
+         "qwen3-4b": dict(hidden_size=2560, n_layers=36, n_heads=32, intermediate_size=9728)}
+RANDOM_QWEN3 = '''
+def random_qwen3(name, device, smoke=False):
+    """Random weights of a Qwen3 shape in fp32 (train.py's master weights); smoke: 2 layers, 1/8 width, vocab 512."""
+    kw = dict(QWEN3[name])
+    if smoke:
+        kw = dict(n_layers=2, n_heads=4, hidden_size=kw["hidden_size"] // 8,
+                  intermediate_size=kw["intermediate_size"] // 8)
+    cfg = M.Config(vocab_size=512 if smoke else 151_936, n_kv_heads=2 if smoke else 8, head_dim=32 if smoke else 128,
+                   rope_theta=1e6, tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40_960,
+                   arch="qwen3", **kw)
+    with torch.device("meta"):
+        model = M.Transformer(cfg)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():  # initialised where it lives (a 4B init on the host CPU takes minutes)
+        for n, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.normal_(0.0, 0.02)
+    return model
+'''
+exec(RANDOM_QWEN3)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, gib=2.0):
+    """Bytes read + written per second by a device-to-device copy of `gib` GiB, best of 5."""
+    a = torch.empty(int(gib * 2**28), device=device)  # float32: 4 bytes each
+    b, best = torch.empty_like(a), float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best
+
+
+def decode_steps(model, B, prompt_len, steps, compiled, warm=3):
+    """(seconds per decode step, seconds of compile and warm-up, logits of the first 4 steps) of rollout's own
+    decode step (rollout.decode_step; on CUDA fp32 master weights under bf16 autocast, as train.py samples), greedy,
+    after a prefill of random prompts; sampling excluded. A fresh compile per setting (dynamo reset)."""
+    torch._dynamo.reset()
+    R.COMPILE, R._compiled = compiled, None
+    dev, cfg = model.head_weight.device, model.config
+    with torch.no_grad(), M.autocast(dev):
+        cache = R.KVCache(cfg, B, R.round_up(prompt_len + warm + steps), dev, R._cache_dtype(model))
+        g = torch.Generator(dev).manual_seed(0)
+        idx = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=dev, generator=g)
+        logits = R._forward_last(model, cache, idx, torch.ones_like(idx, dtype=torch.bool))
+        cols, active, first = cache.columns(), torch.ones(B, dtype=torch.bool, device=dev), []
+        sync(dev)
+        t0 = t1 = time.perf_counter()
+        for i in range(warm + steps):
+            if i == warm:
+                sync(dev)
+                t1 = time.perf_counter()
+            logits = R.decode_step(model, cache, cols, logits.argmax(-1), active)
+            if i < 4:
+                first.append(logits.float().clone())
+        sync(dev)
+    return (time.perf_counter() - t1) / steps, t1 - t0, torch.stack(first)
+
+
+def decode_check(device, smoke=False, batches=(1, 64), prompt_len=512, steps=48):
+    """The decode step eager vs compiled (CUDA graphs on CUDA) vs the HBM bound, per shape and batch size. The
+    bound is the bytes a step must read at the least, bf16 body weights plus the fp32 head (the sampler's log-probs
+    are fp32), over the measured copy bandwidth; the KV cache read (B x S columns) is not counted."""
+    bw = copy_bandwidth(device, 0.0625 if smoke else 2.0)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU smoke"
+    print(f"decode step: {name}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write), "
+          f"prompt {prompt_len}, {steps} steps timed after 3", flush=True)
+    for shape in QWEN3:
+        model = random_qwen3(shape, device, smoke)
+        n, head = sum(p.numel() for p in model.parameters()), model.head_weight.numel()
+        bound = ((n - head) * 2 + head * 4) / bw
+        for B in batches:
+            rows = {c: decode_steps(model, B, prompt_len, steps, c) for c in (False, True)}
+            (te, _, le), (tc, warm, lc) = rows[False], rows[True]
+            same = (le.argmax(-1) == lc.argmax(-1)).float().mean().item()
+            graphs = "CUDA graphs" if device.type == "cuda" else "no graphs on CPU"
+            print(f"  {shape} ({n / 1e9:.2f}B) B={B}: eager {te * 1e3:.2f} ms, compiled {tc * 1e3:.2f} ms "
+                  f"({te / tc:.2f}x faster; compile + warm-up {warm:.0f} s, {graphs}"
+                  f"{'' if R._compiled else ', COMPILE FAILED: eager'}), bound {bound * 1e3:.2f} ms -> compiled "
+                  f"{tc / bound:.2f}x the bound; max |logits eager - compiled| {(le - lc).abs().max():.1e}, "
+                  f"argmax agreement {same:.2f}", flush=True)
+            check(f"compiled decode step agrees with eager, {shape} B={B}", same >= 0.9 and bool(R._compiled),
+                  f"argmax agreement {same:.2f}")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+PAPER_STEP = """
+import json, os, sys, time, torch
+sys.path.insert(0, {root!r})
+import model as M, rollout as R, train
+QWEN3, SMOKE = {qwen3!r}, {smoke!r}
+{random_qwen3}
+dev = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
+# the random Qwen3-4B and a byte tokenizer (its chat template; sampled ids past its 259 decode to nothing)
+train.load_model = lambda name, device: (random_qwen3("qwen3-4b", device, SMOKE), M.byte_tokenizer())
+spent = {{"rollouts": 0.0, "teacher scoring": 0.0}}
+def timed(fn, key):
+    def run(*a, **kw):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.time()
+        out = fn(*a, **kw)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        spent[key] += time.time() - t
+        return out
+    return run
+train.play, train.teacher_logprobs = timed(train.play, "rollouts"), timed(train.teacher_logprobs, "teacher scoring")
+model = train.main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out") + 1]
+row = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][-1]
+print("PAPER_STEP", json.dumps({{**spent, "step_time": row["step_time"], "peak_mem_gb": row["peak_mem_gb"],
+                                 "tokens": row["tokens"]}}), flush=True)
+del model
+train.shutdown()
+"""
+
+
+def paper_step(device, smoke=False, turns=2):
+    """One train.py step on a random Qwen3-4B at the paper's shapes: sokoban-paper, 512-token turns, P = 2 x G = 4,
+    --fsdp on one rank (nccl), fp32 master weights + bf16 autocast. turns: 10 is the paper's episode; the default
+    2 keeps the run inside a 15-minute budget (the decode under --fsdp runs eagerly, tens of ms a step at 4B)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as d:
+        driver = os.path.join(d, "paper_step.py")
+        open(driver, "w").write(PAPER_STEP.format(root=root, qwen3=QWEN3, smoke=smoke, random_qwen3=RANDOM_QWEN3))
+        skill = os.path.join(d, "skill.json")  # every group has a skill from step 1: the teacher scores all of them
+        json.dump({"success_analysis": "Boxes reached targets when pushed along free rows.", "mistake_analysis":
+                   "Pushing a box into a corner ends the level.", "golden_workflow": "Plan the pushes, then move."},
+                  open(skill, "w"))
+        argv = ["--env", "sokoban-paper", "--max-turns", str(turns), "--max-new-tokens", "16" if smoke else "512",
+                "--prompts-per-step", "2", "--group-size", "4", "--micro-batch", "2", "--steps", "1", "--eval-n", "0",
+                "--skill-file", skill, "--fsdp", "--device", device.type, "--out", os.path.join(d, "run")]
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                            "--master_port=29561", driver, *argv], capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("PAPER_STEP ")]
+        if r.returncode or not line:
+            check("paper-shape train.py step", False, (r.stdout + r.stderr)[-3000:])
+            return
+        m = json.loads(line[0].split(" ", 1)[1])
+        rest = m["step_time"] - m["rollouts"] - m["teacher scoring"]
+        check(f"paper-shape train.py step (random Qwen3-4B, sokoban-paper, {turns} x {argv[5]}-token turns, --fsdp)",
+              True, f"{time.time() - t0:.0f} s in all; step {m['step_time']:.1f} s = rollouts {m['rollouts']:.1f} s + "
+                    f"teacher scoring {m['teacher scoring']:.1f} s + loss, backward and optimizer {rest:.1f} s; "
+                    f"{m['tokens']} sampled tokens; peak {m['peak_mem_gb']:.1f} GB")
+
+
+def issue23(device, smoke=False):
+    """Issue 23's GPU checks in order of importance, each printed as it ends: the decode checks (four compiles,
+    at 0.6B and 4B: about 4-6 min), the shared-prefix step (check 5, about 1 min), the paper-shape step (3-5 min)."""
+    t0 = time.time()
+    decode_check(device, smoke, batches=(1, 4) if smoke else (1, 64), prompt_len=64 if smoke else 512)
+    print(f"[{time.time() - t0:.0f} s]", flush=True)
+    if not smoke:
+        check_shared_prefix()
+        print(f"[{time.time() - t0:.0f} s]", flush=True)
+    paper_step(device, smoke)
+    print(f"[{time.time() - t0:.0f} s]", flush=True)
+
+
+if "--issue23" in sys.argv:
+    issue23(torch.device("cpu") if "--cpu-smoke" in sys.argv else dev, smoke="--cpu-smoke" in sys.argv)
+    print("ALL PASS" if ok else "SOME CHECKS FAILED")
+    sys.exit(0 if ok else 1)
 if "--new" in sys.argv:  # only the checks added last (5 and 6): a short run for a small device budget
     kernel_sweep(dev)
     check_shared_prefix()
