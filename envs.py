@@ -75,10 +75,8 @@ def _reverse_play(fixed, player, targets, search_depth, max_states=300_000):
     W = fixed.shape[1]
     wall = (fixed.ravel() == WALL).tolist()
     offsets = [dr * W + dc for dr, dc in MOVES]
-    num_boxes = len(targets)
-    explored = set()
-    best = (-1, player, tuple(targets))
-    stack = [(player, tuple(targets), (False,) * num_boxes, 0, search_depth)]  # (player, boxes, pulled, swaps, ttl)
+    explored, best = set(), (-1, player, tuple(targets))
+    stack = [(player, tuple(targets), (False,) * len(targets), 0, search_depth)]  # (player, boxes, pulled, swaps, ttl)
     while stack:
         p, boxes, pulled, swaps, ttl = stack.pop()
         ttl -= 1
@@ -267,12 +265,10 @@ class Sokoban:
         (dr, dc), (r, c) = MOVES[a], self.player
         s, f = self.room_state, self.room_fixed
         nr, nc, br, bc = r + dr, c + dc, r + 2 * dr, c + 2 * dc
-        moved = False
-        if s[nr, nc] in (BOX, BOX_ON_TARGET) and s[br, bc] in (FLOOR, TARGET):
+        push = s[nr, nc] in (BOX, BOX_ON_TARGET) and s[br, bc] in (FLOOR, TARGET)
+        moved = push or s[nr, nc] in (FLOOR, TARGET)
+        if push:
             s[br, bc] = BOX_ON_TARGET if f[br, bc] == TARGET else BOX
-            moved = True
-        elif s[nr, nc] in (FLOOR, TARGET):
-            moved = True
         if moved:
             s[nr, nc], s[r, c] = PLAYER, f[r, c]
             self.player = (nr, nc)
@@ -321,10 +317,8 @@ class Sokoban:
             "actions": names or [], "moved": moved, "rewards": rewards, "reward": reward, "start": start,
             "states": states, "room_fixed": self.room_fixed.tolist(), "num_boxes": self.num_boxes_room,
             "success": success, "completion": completion, "done": self.done})
-        if invalid:
-            head = f"Invalid answer, nothing moved. Answer like {FORMAT_EXAMPLE}."
-        else:
-            head = "You moved: " + ", ".join(n if m else f"{n} (blocked)" for n, m in zip(names, moved)) + "."
+        head = (f"Invalid answer, nothing moved. Answer like {FORMAT_EXAMPLE}." if invalid else
+                "You moved: " + ", ".join(n if m else f"{n} (blocked)" for n, m in zip(names, moved)) + ".")
         if success:
             head += " Solved! Every box is on a target."
         elif self.done:
