@@ -30,8 +30,7 @@ def env_overrides(args, split="train"):
     AppWorld's split (evaluation on `dev`)."""
     kw = {"max_turns": args.max_turns}
     if args.env.startswith("sokoban"):
-        kw["parse"] = args.parse
-        kw["reward"] = args.reward
+        kw.update(parse=args.parse, reward=args.reward)
     if args.env == "appworld":
         kw["split"] = "dev" if split == "eval" else "train"
     return kw
@@ -59,8 +58,7 @@ def episode_result(ep, make_env, sokoban=True):
            "reward": float(ep.reward), "turns": len(ep.responses), "truncated": bool(ep.truncated)}
     if sokoban:  # other environments (AppWorld) have no invalid-move or optimal-length notion here
         facts = envs.sokoban_facts(ep.history)
-        res["invalid_turns"] = facts["invalid_turns"]
-        res["moves"] = sum(facts["moved"])
+        res.update(invalid_turns=facts["invalid_turns"], moves=sum(facts["moved"]))
         if ep.success:  # optimal length from the initial room of this seed (the report only)
             env = make_env()
             env.reset(ep.task_id)
@@ -73,10 +71,8 @@ def summarize(results):
     """Aggregate per-puzzle results into the report's numbers (percentages where the paper uses them)."""
     n = max(len(results), 1)
     turns = sum(r["turns"] for r in results)
-    out = {"n": len(results),
-           "acc": 100.0 * sum(r["success"] for r in results) / n,
-           "comp": 100.0 * sum(r["completion"] for r in results) / n,
-           "mean_turns": turns / n,
+    out = {"n": len(results), "acc": 100.0 * sum(r["success"] for r in results) / n,
+           "comp": 100.0 * sum(r["completion"] for r in results) / n, "mean_turns": turns / n,
            "mean_reward": sum(r["reward"] for r in results) / n}
     if all("invalid_turns" in r for r in results) and turns:
         out["invalid_rate"] = sum(r["invalid_turns"] for r in results) / turns
