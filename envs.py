@@ -142,8 +142,7 @@ def generate_room(seed, dim=(6, 6), num_boxes=1, search_depth=30, num_steps=None
 # Solver (for tests and for reporting optimal lengths; never shown to the agent)
 
 def solve(room_fixed, room_state, max_depth=100, max_states=2_000_000):
-    """Breadth-first search -> a shortest list of action names solving the room, or None if there is none
-    within max_depth moves (or max_states states)."""
+    """Breadth-first search -> a shortest list of action names solving the room, or None (none within max_depth)."""
     fixed, state = np.asarray(room_fixed), np.asarray(room_state)
     W, wall, offsets = _grid(fixed)
     targets = frozenset(np.flatnonzero(fixed.ravel() == TARGET).tolist())

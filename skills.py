@@ -201,8 +201,7 @@ def _rule_sokoban(f, fs):
 
 
 def oracle_workflow(solution, per_turn):
-    """The privileged golden workflow: a solver's shortest solution from the level's start, in the answer format,
-    split into turns of at most `per_turn` moves."""
+    """The privileged golden workflow: a solver's solution in the answer format, turns of at most `per_turn` moves."""
     turns = [solution[i:i + per_turn] for i in range(0, len(solution), per_turn)]
     return (f"Shortest solution from the start, {len(solution)} move{'s' * (len(solution) != 1)}: "
             + ", ".join(f"turn {t + 1}: <action>{' || '.join(m)}</action>" for t, m in enumerate(turns)) + ".")
