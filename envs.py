@@ -68,17 +68,18 @@ def _topology(rng, dim, num_steps, p_change=0.35):
     return level
 
 
+def _grid(fixed):  # flat cell indices: the row width, a wall flag per cell, the four moves as index offsets
+    W = fixed.shape[1]
+    return W, (fixed.ravel() == WALL).tolist(), [dr * W + dc for dr, dc in MOVES]
+
+
 def _reverse_play(fixed, player, targets, search_depth, max_states=300_000):
     """Depth-first reverse play from the solved state (player walks, and may pull an adjacent box).
     Flat cell indices. Returns (best_score, player, boxes) where boxes[i] is the box that started on targets[i].
     Iterative, but visits states in exactly the recursive pre-order of gym-sokoban's depth_first_search."""
-    W = fixed.shape[1]
-    wall = (fixed.ravel() == WALL).tolist()
-    offsets = [dr * W + dc for dr, dc in MOVES]
-    num_boxes = len(targets)
-    explored = set()
-    best = (-1, player, tuple(targets))
-    stack = [(player, tuple(targets), (False,) * num_boxes, 0, search_depth)]  # (player, boxes, pulled, swaps, ttl)
+    W, wall, offsets = _grid(fixed)
+    explored, best = set(), (-1, player, tuple(targets))
+    stack = [(player, tuple(targets), (False,) * len(targets), 0, search_depth)]  # (player, boxes, pulled, swaps, ttl)
     while stack:
         p, boxes, pulled, swaps, ttl = stack.pop()
         ttl -= 1
@@ -141,12 +142,9 @@ def generate_room(seed, dim=(6, 6), num_boxes=1, search_depth=30, num_steps=None
 # Solver (for tests and for reporting optimal lengths; never shown to the agent)
 
 def solve(room_fixed, room_state, max_depth=100, max_states=2_000_000):
-    """Breadth-first search -> a shortest list of action names solving the room, or None if there is none
-    within max_depth moves (or max_states states)."""
+    """Breadth-first search -> a shortest list of action names solving the room, or None (none within max_depth)."""
     fixed, state = np.asarray(room_fixed), np.asarray(room_state)
-    W = fixed.shape[1]
-    wall = (fixed.ravel() == WALL).tolist()
-    offsets = [dr * W + dc for dr, dc in MOVES]
+    W, wall, offsets = _grid(fixed)
     targets = frozenset(np.flatnonzero(fixed.ravel() == TARGET).tolist())
     start = (int(np.flatnonzero(state.ravel() == PLAYER)[0]),
              frozenset(np.flatnonzero(np.isin(state.ravel(), (BOX, BOX_ON_TARGET))).tolist()))
@@ -238,14 +236,13 @@ class Sokoban:
     def task_prompt(self):
         n = self.max_actions_per_turn
         moves = "one move" if n == 1 else f"1 to {n} moves"
-        return (
-            "You are playing Sokoban on a grid. You are the player P. Push every box X onto a target O.\n"
-            "Rules: each move goes one cell Up, Down, Left or Right (Up is toward the first line). Walking into "
-            "a box pushes it one cell the same way if the cell behind it is floor or a target. You cannot pull "
-            "boxes, push two boxes at once, or go through walls. A box pushed into a corner is stuck for good.\n"
-            f"Symbols: # wall, _ floor, O target, X box, √ box on a target, P you, S you on a target.\n"
-            f"You have {self.max_turns} turns. Each turn, answer with {moves} inside <action></action>"
-            + (", separated by ||, like " + FORMAT_EXAMPLE if n > 1 else ", like <action>Left</action>") + ".")
+        return ("You are playing Sokoban on a grid. You are the player P. Push every box X onto a target O.\n"
+                "Rules: each move goes one cell Up, Down, Left or Right (Up is toward the first line). Walking into "
+                "a box pushes it one cell the same way if the cell behind it is floor or a target. You cannot pull "
+                "boxes, push two boxes at once, or go through walls. A box pushed into a corner is stuck for good.\n"
+                f"Symbols: # wall, _ floor, O target, X box, √ box on a target, P you, S you on a target.\n"
+                f"You have {self.max_turns} turns. Each turn, answer with {moves} inside <action></action>"
+                + (", separated by ||, like " + FORMAT_EXAMPLE if n > 1 else ", like <action>Left</action>") + ".")
 
     def reset(self, seed=None, room=None):
         if room is not None:
@@ -267,12 +264,10 @@ class Sokoban:
         (dr, dc), (r, c) = MOVES[a], self.player
         s, f = self.room_state, self.room_fixed
         nr, nc, br, bc = r + dr, c + dc, r + 2 * dr, c + 2 * dc
-        moved = False
-        if s[nr, nc] in (BOX, BOX_ON_TARGET) and s[br, bc] in (FLOOR, TARGET):
+        push = s[nr, nc] in (BOX, BOX_ON_TARGET) and s[br, bc] in (FLOOR, TARGET)
+        moved = push or s[nr, nc] in (FLOOR, TARGET)
+        if push:
             s[br, bc] = BOX_ON_TARGET if f[br, bc] == TARGET else BOX
-            moved = True
-        elif s[nr, nc] in (FLOOR, TARGET):
-            moved = True
         if moved:
             s[nr, nc], s[r, c] = PLAYER, f[r, c]
             self.player = (nr, nc)
@@ -321,10 +316,8 @@ class Sokoban:
             "actions": names or [], "moved": moved, "rewards": rewards, "reward": reward, "start": start,
             "states": states, "room_fixed": self.room_fixed.tolist(), "num_boxes": self.num_boxes_room,
             "success": success, "completion": completion, "done": self.done})
-        if invalid:
-            head = f"Invalid answer, nothing moved. Answer like {FORMAT_EXAMPLE}."
-        else:
-            head = "You moved: " + ", ".join(n if m else f"{n} (blocked)" for n, m in zip(names, moved)) + "."
+        head = (f"Invalid answer, nothing moved. Answer like {FORMAT_EXAMPLE}." if invalid else
+                "You moved: " + ", ".join(n if m else f"{n} (blocked)" for n, m in zip(names, moved)) + ".")
         if success:
             head += " Solved! Every box is on a target."
         elif self.done:
@@ -494,14 +487,13 @@ class AppWorld:
         self.world, self.history = None, []
 
     def task_prompt(self):
-        return (
-            "You act for a user (your supervisor) in AppWorld, a world of apps (spotify, gmail, venmo, ...). "
-            "Each turn, write Python code in one ```python ... ``` block; it runs in a persistent shell where "
-            "apps are called as apis.<app>.<api>(...). Print what you need to see. Find APIs with "
-            "apis.api_docs.show_app_descriptions(), apis.api_docs.show_api_descriptions(app_name=...) and "
-            "apis.api_docs.show_api_doc(app_name=..., api_name=...). When done, call "
-            "apis.supervisor.complete_task(answer=...) (answer=None if the task asks for no answer). "
-            f"You have {self.max_turns} turns.")
+        return ("You act for a user (your supervisor) in AppWorld, a world of apps (spotify, gmail, venmo, ...). "
+                "Each turn, write Python code in one ```python ... ``` block; it runs in a persistent shell where "
+                "apps are called as apis.<app>.<api>(...). Print what you need to see. Find APIs with "
+                "apis.api_docs.show_app_descriptions(), apis.api_docs.show_api_descriptions(app_name=...) and "
+                "apis.api_docs.show_api_doc(app_name=..., api_name=...). When done, call "
+                "apis.supervisor.complete_task(answer=...) (answer=None if the task asks for no answer). "
+                f"You have {self.max_turns} turns.")
 
     def reset(self, seed, room=None):
         self.close()

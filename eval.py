@@ -26,12 +26,10 @@ from model import autocast, load as load_model
 
 
 def env_overrides(args, split="train"):
-    """make_env overrides from train.py's or eval.py's flags: the turn budget, Sokoban's parsing mode and reward,
-    AppWorld's split (evaluation on `dev`)."""
+    """make_env overrides from train.py's or eval.py's flags (AppWorld evaluates on its `dev` split)."""
     kw = {"max_turns": args.max_turns}
     if args.env.startswith("sokoban"):
-        kw["parse"] = args.parse
-        kw["reward"] = args.reward
+        kw.update(parse=args.parse, reward=args.reward)
     if args.env == "appworld":
         kw["split"] = "dev" if split == "eval" else "train"
     return kw
@@ -39,8 +37,7 @@ def env_overrides(args, split="train"):
 
 def evaluate(model, tokenizer, env_name, seeds, max_new_tokens, env_kwargs, temperature=0.0, batch_size=16,
              seed=0, progress=False):
-    """Play each seed once (plain prompt). env_kwargs go to envs.make_env (max_turns, parse, ...).
-    Returns one plain dict per puzzle, in the order of `seeds`."""
+    """Play each seed once, plain prompt, env_kwargs to envs.make_env -> one plain dict per puzzle, seeds' order."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     make_env = lambda: envs.make_env(env_name, **env_kwargs)  # noqa: E731
     max_turns = make_env().max_turns
@@ -59,8 +56,7 @@ def episode_result(ep, make_env, sokoban=True):
            "reward": float(ep.reward), "turns": len(ep.responses), "truncated": bool(ep.truncated)}
     if sokoban:  # other environments (AppWorld) have no invalid-move or optimal-length notion here
         facts = envs.sokoban_facts(ep.history)
-        res["invalid_turns"] = facts["invalid_turns"]
-        res["moves"] = sum(facts["moved"])
+        res.update(invalid_turns=facts["invalid_turns"], moves=sum(facts["moved"]))
         if ep.success:  # optimal length from the initial room of this seed (the report only)
             env = make_env()
             env.reset(ep.task_id)
@@ -73,10 +69,8 @@ def summarize(results):
     """Aggregate per-puzzle results into the report's numbers (percentages where the paper uses them)."""
     n = max(len(results), 1)
     turns = sum(r["turns"] for r in results)
-    out = {"n": len(results),
-           "acc": 100.0 * sum(r["success"] for r in results) / n,
-           "comp": 100.0 * sum(r["completion"] for r in results) / n,
-           "mean_turns": turns / n,
+    out = {"n": len(results), "acc": 100.0 * sum(r["success"] for r in results) / n,
+           "comp": 100.0 * sum(r["completion"] for r in results) / n, "mean_turns": turns / n,
            "mean_reward": sum(r["reward"] for r in results) / n}
     if all("invalid_turns" in r for r in results) and turns:
         out["invalid_rate"] = sum(r["invalid_turns"] for r in results) / turns
@@ -156,8 +150,7 @@ def main(argv=None):
     p.add_argument("--env", default="sokoban", help="environment name (envs.make_env); default sokoban (6x6, 1 box)")
     p.add_argument("--n", type=int, default=32, help="number of evaluation puzzles (first n of the fixed set)")
     p.add_argument("--split", nargs="+", default=["eval"], choices=["eval", "train"],
-                   help="task sets to play: eval (held out; writes eval.json/.md) and/or train (the training "
-                        "levels, same greedy code; writes eval_train.json/.md)")
+                   help="task sets: eval (held out: eval.json/.md) and/or train (training levels: eval_train.json/.md)")
     p.add_argument("--train-n", type=int, default=None,
                    help="training puzzles for --split train (first n of the training set; default: all of it)")
     p.add_argument("--max-turns", type=int, default=3, help="turns per episode (as train.py)")
@@ -165,8 +158,7 @@ def main(argv=None):
     p.add_argument("--reward", default="completion", choices=["completion", "shaped"],
                    help="Sokoban episode reward (as train.py); Acc and Comp do not depend on it")
     p.add_argument("--parse", default="lenient", choices=["strict", "lenient"],
-                   help="Sokoban answer parsing (as in train.py): strict = only <action>..</action>; lenient = "
-                        "also move words anywhere in the text")
+                   help="Sokoban parsing (as train.py): strict = only <action>..</action>; lenient = move words too")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=16, help="puzzles played at once")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")

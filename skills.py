@@ -8,11 +8,10 @@ of one task from one step, and it yields at most one skill (success and failure 
 
 Deliberate simplifications:
 - Backends: "rule" (deterministic, from the facts alone, the offline default), "oracle" (PRIVILEGED: the rule
-  analyses with a solver's shortest solution as the workflow; a positive control, never a default), "self" (the policy through a
-  complete(prompts) -> texts callable; prompts are plain user-message strings, the caller applies its chat
-  template) and "openai:<base_url>" (urllib, one request per group). Structured output is negotiated once per
-  summariser: OpenAI's json_schema form (OpenAI, vLLM), else json_object with a schema (llama.cpp's server),
-  else plain text; a refusal is an HTTP error whose body names the format.
+  analyses with a solver's shortest solution as the workflow; a positive control, never a default), "self" (the
+  policy through a complete(prompts) -> texts callable; prompts are plain user-message strings, the caller
+  applies its chat template) and "openai:<base_url>" (urllib, one request per group). Structured output is
+  negotiated once per summariser (FORMATS, _ask); a refusal is an HTTP error whose body names the format.
 - Asynchrony is a few daemon threads: summarisers wait on I/O or on a model that releases the GIL. close()
   abandons requests in flight instead of waiting them out (a daemon thread dies with the process).
 - The bank is in-process. Every rank holds an identical copy: the same adds, selects and updates in the same
@@ -66,20 +65,17 @@ class Skill:
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', re.S)
 _TOKEN = re.compile(_STRING.pattern + r"""|[{}"']""", re.S)  # a quoted string, a brace, or a quote left open
+_FIXABLE = re.compile(_STRING.pattern + r"|,\s*(?=[}\]])", re.S)  # a quoted string, or a trailing comma
 
 
 def _repair(s):
     """Single-quoted strings -> JSON strings; trailing commas before } or ] removed (outside strings)."""
-    out, pos = [], 0
-    for m in _STRING.finditer(s):
-        out.append(re.sub(r",\s*([}\]])", r"\1", s[pos:m.start()]))
+    def fix(m):
         tok = m.group(0)
         if tok[0] == "'":  # re-encode the body as a JSON string
-            tok = json.dumps(tok[1:-1].replace("\\'", "'").replace('\\"', '"'))
-        out.append(tok)
-        pos = m.end()
-    out.append(re.sub(r",\s*([}\]])", r"\1", s[pos:]))
-    return "".join(out)
+            return json.dumps(tok[1:-1].replace("\\'", "'").replace('\\"', '"'))
+        return "" if tok[0] == "," else tok
+    return _FIXABLE.sub(fix, s)
 
 
 def _span(text, start):
@@ -205,8 +201,7 @@ def _rule_sokoban(f, fs):
 
 
 def oracle_workflow(solution, per_turn):
-    """The privileged golden workflow: a solver's shortest solution from the level's start, in the answer format,
-    split into turns of at most `per_turn` moves."""
+    """The privileged golden workflow: a solver's solution in the answer format, turns of at most `per_turn` moves."""
     turns = [solution[i:i + per_turn] for i in range(0, len(solution), per_turn)]
     return (f"Shortest solution from the start, {len(solution)} move{'s' * (len(solution) != 1)}: "
             + ", ".join(f"turn {t + 1}: <action>{' || '.join(m)}</action>" for t, m in enumerate(turns)) + ".")
@@ -256,12 +251,10 @@ def rule_skill(group):
     # best: highest reward, then solved, then the shortest workflow (fewest moves); ties -> the first attempt
     best = max(range(G), key=lambda i: (rewards[i], solved[i], -len(parts[i][2])))
     head = f"{sum(solved)} of {G} attempts solved it (rewards {', '.join(f'{r:g}' for r in rewards)})."
-    notes, seen = [], set()
-    for i in sorted(range(G), key=lambda i: (solved[i], i)):  # failed attempts first
-        m = parts[i][1]
-        if not m.startswith("None") and m not in seen:
-            seen.add(m)
-            notes.append(f"Attempt {i + 1}: {m}")
+    first = {}  # distinct mistake text -> the first attempt that made it, failed attempts first
+    for i in sorted(range(G), key=lambda i: (solved[i], i)):
+        first.setdefault(parts[i][1], i)
+    notes = [f"Attempt {i + 1}: {m}" for m, i in first.items() if not m.startswith("None")]
     more = f" ({len(notes) - 3} more attempts with other mistakes.)" if len(notes) > 3 else ""
     mistake = " ".join(notes[:3]) + more if notes else "None: no attempt made a measurable mistake."
     if sokoban:
@@ -320,6 +313,7 @@ def _count(stats, k, n=1):
 SCHEMA = {"type": "object", "properties": {f: {"type": "string"} for f in FIELDS}, "required": list(FIELDS),
           "additionalProperties": False}
 FORMATS = {  # structured-output modes, most specific first: request's response_format (None: plain text)
+    # OpenAI's form (OpenAI, vLLM)
     "json_schema": {"type": "json_schema", "json_schema": {"name": "skill", "strict": True, "schema": SCHEMA}},
     # llama.cpp's form (OpenAI ignores the schema); maxLength bounds a runaway string (strict json_schema rejects it)
     "json_object": {"type": "json_object", "schema": {**SCHEMA, "properties": {
@@ -713,8 +707,7 @@ class SkillBank:
     def load(cls, path):
         """Format versions 1 (no pending picks, no prior: it loads with the defaults) and 2."""
         try:
-            with open(path) as fh:
-                d = json.load(fh)
+            d = json.load(open(path))
             if d.get("version") not in (1, 2):
                 raise ValueError(f"unknown format version {d.get('version')!r} (this code reads 1 and 2)")
             bank = cls(d["capacity_per_task"], d["global_capacity"], d["c"], d["seed"],
@@ -731,19 +724,9 @@ class SkillBank:
 
 
 def teacher_prompt(skill, task_prompt):
-    """The teacher's system message: the task rules, then the skill in a delimited block. skill=None -> unchanged.
-
-    Example, teacher_prompt(Skill("Solved in 3 moves.", "None.", "Right, Up, Up"), "You are solving Sokoban...")
-    returns:
-        You are solving Sokoban...
-
-        ### Skill from earlier attempts at this task
-        Success analysis: Solved in 3 moves.
-        Mistake analysis: None.
-        Golden workflow: Right, Up, Up
-        ### End of skill
-    A pool skill (scope "pool") comes under "### Skill from other levels (not this one)", its workflow labelled
-    "General workflow", empty fields left out. Only the teacher sees this; the student keeps the plain task prompt."""
+    """The teacher's system message: the task rules, then the skill in a delimited block, one line a field
+    (skill=None: the rules unchanged). A pool skill is labelled as another level's, its empty fields left out.
+    Only the teacher sees this; the student keeps the plain task prompt."""
     if skill is None:
         return task_prompt
     pool = skill.scope == "pool"

@@ -491,8 +491,7 @@ def read_skill_file(path):
 
 
 def oracle_solutions(make_env, seeds):
-    """--summarizer oracle: task -> (the solver's shortest solution from the level's start, moves per turn).
-    PRIVILEGED information, for the positive control only."""
+    """--summarizer oracle: task -> (the solver's shortest solution, moves per turn). PRIVILEGED: a control only."""
     out, env = {}, make_env()
     if not isinstance(env, envs.Sokoban):
         raise ValueError("--summarizer oracle needs a Sokoban env (it writes a solver's solution as the workflow)")
@@ -594,8 +593,7 @@ def checkpoints(out):
 
 
 def verify(folder):
-    """None when folder holds a complete checkpoint (every file of its manifest, same size and sha256), else
-    what is wrong, in a few words."""
+    """None when folder holds a complete checkpoint (every manifest file, same size and sha256), else what is wrong."""
     try:
         manifest = json.load(open(os.path.join(folder, "manifest.json")))
         files, step = manifest["files"], manifest["step"]
@@ -707,8 +705,7 @@ def start_run(args, rank, world, device, model):
 
 
 def run_eval(model, tok, args, rank, world, device, step):
-    """Greedy evaluation on the first --eval-n held-out tasks, split over ranks; rank 0 writes the report.
-    Returns the metrics line's eval_acc, eval_comp and eval_invalid."""
+    """Greedy evaluation on the first --eval-n held-out tasks, split over ranks; rank 0 writes the report."""
     seeds = envs.task_set("eval", args.eval_n, env=args.env)
     with torch.no_grad(), autocast(device), full_weights(model):
         mine = evaluate(model, tok, args.env, seeds[rank::world], args.max_new_tokens, env_overrides(args, "eval"),
