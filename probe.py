@@ -68,7 +68,10 @@ def probe(model, tok, env, seeds, form="answer"):
             with torch.no_grad():  # the head only where it is read: the answer's positions
                 h = model(idx[:, :-1], return_hidden=True)[0, k:].float()  # (A, C), A = len(ans)
                 logp = torch.log_softmax(h @ model.head_weight.float().T, -1)  # (A, V): row j predicts answer token j
-            row["logp"][cond] = logp.gather(1, idx[0, k + 1:, None]).sum().item()
+            per = logp.gather(1, idx[0, k + 1:, None])[:, 0]  # (A,) each answer token's log-prob
+            row["logp"][cond] = per.sum().item()
+            row.setdefault("tokens", {})[cond] = [(tok.decode([t]), round(v, 3), tok.decode([top])) for t, v, top
+                                                  in zip(ans, per.tolist(), logp.argmax(-1).tolist())]
             row["top"][cond] = envs.ACTION_NAMES[logp[len(head), move_ids].argmax().item()]
         out.append(row)
     return out
@@ -95,6 +98,8 @@ def main(argv=None):
                    help="the privileged workflow as --summarizer oracle writes it (answer format, turn by turn) or "
                         "as a comma list of moves (the rule summariser's form for a solved level)")
     p.add_argument("--out", default=None, help="also write the per-level rows and the summary to this JSON file")
+    p.add_argument("--tokens", action="store_true",
+                   help="also print each answer token's log-prob and the model's top token there, per level and prompt")
     a = p.parse_args(argv)
     try:
         env = envs.make_env(a.env, max_turns=a.max_turns)
@@ -114,6 +119,10 @@ def main(argv=None):
     print(f"own skill - plain: {s['delta_own_vs_plain']:+.2f} nats; other skill - plain: "
           f"{s['delta_other_vs_plain']:+.2f} nats; own skill ahead of the other level's on {s['own_beats_other']} "
           f"of {s['levels']} levels")
+    for r in rows if a.tokens else []:
+        for c in CONDITIONS:
+            print(f"level {r['seed']} {c:11s} {r['logp'][c]:7.2f}: " +
+                  " ".join(f"{t!r} {v:.1f} (top {top!r})" for t, v, top in r["tokens"][c]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"model": a.model, "env": a.env, "form": a.form, "summary": s, "levels": rows}, f, indent=1)

@@ -115,6 +115,10 @@ def test_probe_scores_match_transformers(tmp_path):
     prompt = R.prompt_ids(tok, S.teacher_prompt(skill, env.task_prompt()), env.reset(seeds[0]))
     ans = R._encode(tok, W.answer(sol[:3])) + [tok.eos_token_id]
     assert rows[0]["logp"]["own skill"] == pytest.approx(logp(prompt, ans), abs=1e-3)
+    toks = rows[0]["tokens"]["own skill"]  # --tokens: per answer token, in order, summing to the total
+    assert [t for t, _, _ in toks] == [tok.decode([i]) for i in ans]
+    assert toks[0][1] == pytest.approx(logp(prompt, ans[:1]), abs=2e-3)
+    assert sum(v for _, v, _ in toks) == pytest.approx(rows[0]["logp"]["own skill"], abs=1e-2)
     plain = R.prompt_ids(tok, env.task_prompt(), env.reset(seeds[0]))
     head = R._encode(tok, "<action>")
     best = max(envs.ACTION_NAMES, key=lambda m: logp(plain, R._encode(tok, "<action>" + m)[:len(head) + 1]))
