@@ -164,10 +164,11 @@ def main(argv=None):
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="instead of evaluating, plot this metrics.jsonl to PNG")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-compile", action="store_true", help="decode eagerly (default: torch.compile the decode step)")
+    p.add_argument("--no-compile", action="store_true", help="decode eagerly (default: compile the decode step on CUDA)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step on CPU too (no faster there)")
     args = p.parse_args(argv)
-    if args.no_compile:
-        rollout.COMPILE = False
+    if args.no_compile or args.compile:
+        rollout.COMPILE = args.compile and not args.no_compile
     if args.plot:
         print("wrote", plot(args.plot))
         return

@@ -58,7 +58,8 @@ METHODS = {  # method -> (GRPO term, SDL term, student prompt carries the skill)
 }
 # flags that change only where, how fast or what is logged: --resume with other values of these is not warned about
 RUN_ONLY = {"out", "resume", "device", "fsdp", "micro_batch", "chunk_size", "shared_prefix", "tf32_grads", "save_every",
-            "keep_checkpoints", "eval_every", "log_episodes", "wandb", "wandb_name", "summarizer_workers"}
+            "keep_checkpoints", "eval_every", "log_episodes", "wandb", "wandb_name", "summarizer_workers",
+            "compile", "no_compile"}
 
 
 def parse_args(argv=None):
@@ -132,7 +133,8 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None,
                    help="most tokens an episode may hold, longer ones are cut (None: max_position_embeddings)")
-    g.add_argument("--no-compile", action="store_true", help="decode eagerly (default: torch.compile the decode step)")
+    g.add_argument("--no-compile", action="store_true", help="decode eagerly (default: compile the decode step on CUDA)")
+    g.add_argument("--compile", action="store_true", help="compile the decode step on CPU too (no faster there)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
     g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")
@@ -721,8 +723,8 @@ def run_eval(model, tok, args, rank, world, device, step):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.no_compile:
-        rollout.COMPILE = False
+    if args.no_compile or args.compile:
+        rollout.COMPILE = args.compile and not args.no_compile
     rank, world, device = setup_dist(args)
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -152,3 +152,16 @@ def test_no_compile_flag(tmp_path, monkeypatch, capsys):
                 "1", "--max-new-tokens", "4", "--micro-batch", "2", "--eval-n", "1", "--steps", "1", "--no-compile",
                 "--out", str(tmp_path / "run")])
     assert R.COMPILE is False and R._compiled is None and "compiled the decode step" not in capsys.readouterr().out
+
+
+def test_auto_compiles_on_cuda_only(eos_tiny, monkeypatch):
+    """The default ("auto") decodes eagerly on CPU, where the compiled step measured no faster (bench_rollout)."""
+    model, tok = eos_tiny
+    monkeypatch.setattr(R, "COMPILE", "auto")
+    monkeypatch.setattr(R, "_compiled", None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: pytest.fail("auto compiled on CPU"))
+    R.generate(model, tok, ["hi", "hello"], 4, min_new_tokens=4)
+    assert R._compiled is None
+    monkeypatch.setattr(R, "COMPILE", True)  # --compile: torch.compile is called on CPU too
+    with pytest.raises(pytest.fail.Exception, match="auto compiled on CPU"):
+        R.generate(model, tok, ["hi", "hello"], 4, min_new_tokens=4)
