@@ -9,8 +9,10 @@
     FLOPs / fp32 matmul peak (2048^3), both measured in this process, before and after the steps.
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
 the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
-keeps each side's best. Ours decodes with the compiled step unless --no-compile; the compile happens in the
-warm-up and its time is printed. About 6 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it);
+keeps each side's best. Ours is timed twice in the same process, with the compiled decode step and with the eager
+one (R.COMPILE, read at every step; rollout's default "auto" picks compiled on CUDA only), interleaved so that a
+drift of the CPU's speed hits both; --no-compile: eager only. The compile happens in the warm-up and its time is
+printed. About 8 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it);
 when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
 Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts abc] [--threads N] [--no-compile]
 """
@@ -68,7 +70,13 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench(name, new_tokens, parts):
+def with_step(compiled, fn):
+    """fn() with our decode step compiled (True) or eager (False): R.COMPILE is read at every step."""
+    R.COMPILE = compiled
+    return timed(fn)
+
+
+def bench(name, new_tokens, parts, paths):
     model, tok = M.load(name)
     model.eval()
     with tempfile.TemporaryDirectory() as d:  # the very same weights for transformers
@@ -78,36 +86,43 @@ def bench(name, new_tokens, parts):
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     seeds = envs.task_set("eval", P)
     # warm up both sides (first-call allocations, kernel selection; ours: the compile, B = 1 and B > 1)
-    t = time.perf_counter()
-    R.generate(model, tok, ["hi"], 3)
-    R.generate(model, tok, ["hi", "hello"], 3)
-    print(f"[{name}] warm-up of ours {time.perf_counter() - t:.1f} s ({'compiled' if R._compiled else 'eager'} "
-          "decode step)", flush=True)
+    for compiled in paths:
+        t = with_step(compiled, lambda: (R.generate(model, tok, ["hi"], 3, min_new_tokens=3),
+                                         R.generate(model, tok, ["hi", "hello"], 3, min_new_tokens=3)))[1]
+        print(f"[{name}] warm-up of ours, {STEP[compiled]} decode step: {t:.1f} s", flush=True)
+    if True in paths and not R._compiled:
+        print(f"[{name}] compiling failed: the 'compiled' rows below are eager", flush=True)
     hf.generate(**tok(["hi"], return_tensors="pt"), max_new_tokens=2, pad_token_id=tok.pad_token_id)
 
     if "a" in parts:
-        multi_turn(name, model, tok, hf, seeds, new_tokens)
+        multi_turn(name, model, tok, hf, seeds, new_tokens, paths)
     if "b" in parts:
-        single_turn(name, model, tok, hf)
+        single_turn(name, model, tok, hf, paths)
     if "c" in parts:
-        decode_vs_bound(name, model, tok)
+        decode_vs_bound(name, model, tok, paths)
 
 
-def multi_turn(name, model, tok, hf, seeds, new_tokens):
+STEP = {True: "compiled", False: "eager"}
+
+
+def multi_turn(name, model, tok, hf, seeds, new_tokens, paths):
     ours = lambda: R.rollout(model, tok, make_env, seeds, G, TURNS, new_tokens,  # noqa: E731
                              generator=torch.Generator().manual_seed(0), min_new_tokens=new_tokens)
-    eps, t_before = timed(ours)
+    before = {c: with_step(c, ours) for c in paths}
     n, t_hf = timed(lambda: hf_multi_turn(hf, tok, seeds, new_tokens, 0))
-    _, t_after = timed(ours)  # ours runs before and after the (long) baseline: a drift in the load cancels
-    t_ours = (t_before + t_after) / 2
-    turns = sum(len(ep.turn_spans) for ep in eps)
-    print(f"[{name}] (a) multi-turn P={P} G={G} {TURNS} turns, {new_tokens} new tokens/turn, "
-          f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
-          f"ours {len(eps) / t_ours:.3f} ep/s ({t_before:.1f} s / {t_after:.1f} s before / after), HF generate loop {n / t_hf:.3f} ep/s "
-          f"({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x (goal >= 5x)", flush=True)
+    after = {c: with_step(c, ours)[1] for c in paths}  # ours runs before and after the (long) baseline: a drift
+    for c in paths:                                     # in the load cancels
+        eps, t_before = before[c]
+        t_ours = (t_before + after[c]) / 2
+        turns = sum(len(ep.turn_spans) for ep in eps)
+        print(f"[{name}] (a) multi-turn P={P} G={G} {TURNS} turns, {new_tokens} new tokens/turn, "
+              f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
+              f"ours ({STEP[c]}) {len(eps) / t_ours:.3f} ep/s ({t_before:.1f} s / {after[c]:.1f} s before / after), "
+              f"HF generate loop {n / t_hf:.3f} ep/s ({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x "
+              "(goal >= 5x)", flush=True)
 
 
-def single_turn(name, model, tok, hf):
+def single_turn(name, model, tok, hf, paths):
     questions = ["What is the capital of France?", "Name a prime number.", "Explain gravity briefly.",
                  "Write a haiku about the sea.", "What is 2 + 3?", "Describe Sokoban in one sentence.",
                  "Give three colours.", "Why is the sky blue?"]
@@ -115,17 +130,20 @@ def single_turn(name, model, tok, hf):
                                        add_generation_prompt=True) for i, q in enumerate(questions * 2)]
     B, N = len(prompts), 64
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    t_ours, t_hf = [], []  # alternate twice and keep each side's best: the shared CPU's load drifts
+    t_ours, t_hf = {c: [] for c in paths}, []  # alternate twice and keep each side's best: the CPU's speed drifts
     for _ in range(2):
-        t_ours.append(timed(lambda: R.generate(model, tok, prompts, N, min_new_tokens=N))[1])
+        for c in paths:
+            t_ours[c].append(with_step(c, lambda: R.generate(model, tok, prompts, N, min_new_tokens=N))[1])
         out, t = timed(lambda: hf.generate(**enc, do_sample=False, max_new_tokens=N, min_new_tokens=N,
                                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
         assert out.shape[1] - enc["input_ids"].shape[1] == N
         t_hf.append(t)
-    t_ours, t_hf = min(t_ours), min(t_hf)
-    print(f"[{name}] (b) single-turn B={B}, {N} new tokens, greedy: ours {B * N / t_ours:.1f} tok/s "
-          f"({t_ours:.2f} s), HF generate {B * N / t_hf:.1f} tok/s ({t_hf:.2f} s) -> ratio {t_hf / t_ours:.2f}x "
-          f"(goal >= 1.3x; best of 2 each)", flush=True)
+    t_hf = min(t_hf)
+    for c in paths:
+        t = min(t_ours[c])
+        print(f"[{name}] (b) single-turn B={B}, {N} new tokens, greedy: ours ({STEP[c]}) {B * N / t:.1f} tok/s "
+              f"({t:.2f} s), HF generate {B * N / t_hf:.1f} tok/s ({t_hf:.2f} s) -> ratio {t_hf / t:.2f}x "
+              f"(goal >= 1.3x; best of 2 each)", flush=True)
 
 
 def hardware():
@@ -137,7 +155,7 @@ def hardware():
     return src.nbytes / copy, 2 * 2048**3 / mm
 
 
-def decode_vs_bound(name, model, tok, N=32):
+def decode_vs_bound(name, model, tok, paths, N=32):
     bw, peak = hardware()
     n_params = sum(p.numel() for p in model.parameters())  # the tied embedding once: the head reads it
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -146,16 +164,19 @@ def decode_vs_bound(name, model, tok, N=32):
         prompts = [tok.apply_chat_template([{"role": "user", "content": f"Question {i}: why?"}], tokenize=False,
                                            add_generation_prompt=True) for i in range(B)]
         gen = lambda n: R.generate(model, tok, prompts, n, min_new_tokens=n)  # noqa: E731
-        # per new token: (N + 1 tokens) - (1 token) cancels the prefill; best of 3
-        steps[B] = min(timed(lambda: gen(N + 1))[1] - timed(lambda: gen(1))[1] for _ in range(3)) / N
+        # per new token: (N + 1 tokens) - (1 token) cancels the prefill; best of 3, the paths interleaved
+        runs = [(c, with_step(c, lambda: gen(N + 1))[1] - with_step(c, lambda: gen(1))[1]) for _ in range(3)
+                for c in paths]
+        for c in paths:
+            steps[B, c] = min(t for c2, t in runs if c2 == c) / N
     bw2, peak2 = hardware()
     bw, peak = max(bw, bw2), max(peak, peak2)  # before and after: the better of each
     print(f"[{name}] (c) copy bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, "
           f"{weight_bytes / 1e6:.0f} MB of weights, {n_params / 1e6:.1f}M parameters", flush=True)
-    for B, t in steps.items():
+    for (B, c), t in steps.items():
         mem, flops = weight_bytes / bw, 2 * n_params * B / peak
         bound = max(mem, flops)
-        print(f"[{name}] (c) decode step B={B}: {t * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms "
+        print(f"[{name}] (c) decode step ({STEP[c]}) B={B}: {t * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms "
               f"({'weights' if mem >= flops else 'FLOPs'}; weights {mem * 1e3:.1f} ms, FLOPs {flops * 1e3:.1f} ms) "
               f"-> {t / bound:.2f}x the bound (goal <= {2.0 if B == 1 else 2.5}x)", flush=True)
 
@@ -167,12 +188,11 @@ if __name__ == "__main__":
     ap.add_argument("--parts", default="abc",
                     help="which measurements: a (multi-turn), b (single-turn), c (decode step vs bound); default abc")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, both sides (default: torch's choice)")
-    ap.add_argument("--no-compile", action="store_true", help="ours decodes eagerly")
+    ap.add_argument("--no-compile", action="store_true", help="ours: the eager decode step only (default: both)")
     args = ap.parse_args()
-    R.COMPILE = not args.no_compile
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at start "
           f"{os.getloadavg()[0]:.1f} (the CPU is shared: both sides run back to back in this process)")
     for name in args.models.split(","):
-        bench(name, args.new_tokens, args.parts)
+        bench(name, args.new_tokens, args.parts, [False] if args.no_compile else [True, False])
