@@ -165,9 +165,9 @@ def decode_step(model, cache, cols, tok, active):
 
 
 # compile the decode step's blocks (see _block)? "auto": on CUDA only. On this project's 2-core CPU the compiled step
-# measured as fast as the eager one (same process, interleaved: 0.93x at B = 1, 1.03x at B = 16; the step is matmuls,
-# the same aten kernels either way), so compiling there costs 5-45 s per process for nothing. True / False:
-# train.py / eval.py --compile / --no-compile, or SKILL_SD_COMPILE=1 / 0 for every process (the tests use 0)
+# measured as fast as the eager one (bench_rollout, one process: 73 vs 74 ms at B = 1, 177 vs 178 ms at B = 16; the
+# step is matmuls, the same aten kernels either way), so compiling there costs 4-46 s per process for little.
+# True / False: train.py / eval.py --compile / --no-compile, or SKILL_SD_COMPILE=1 / 0 for every process (the tests use 0)
 COMPILE = {"0": False, "1": True}.get(os.environ.get("SKILL_SD_COMPILE", ""), "auto")
 _compiled = None  # the compiled block, made on first use; False once compiling failed
 
