@@ -59,7 +59,7 @@ def probe(model, tok, env, seeds, form="answer"):
         other = levels[(i + 1) % len(levels)][1]
         obs = env.reset(seed)
         ans = _encode(tok, answer(sol[:n])) + [tok.eos_token_id]
-        row = {"seed": seed, "solution": sol, "logp": {}, "top": {}}
+        row = {"seed": seed, "solution": sol, "logp": {}, "top": {}, "tokens": {}}
         for cond, system in zip(CONDITIONS, (env.task_prompt(), skills.teacher_prompt(skill, env.task_prompt()),
                                              skills.teacher_prompt(other, env.task_prompt()))):
             prompt = prompt_ids(tok, system, obs)
@@ -70,8 +70,8 @@ def probe(model, tok, env, seeds, form="answer"):
                 logp = torch.log_softmax(h @ model.head_weight.float().T, -1)  # (A, V): row j predicts answer token j
             per = logp.gather(1, idx[0, k + 1:, None])[:, 0]  # (A,) each answer token's log-prob
             row["logp"][cond] = per.sum().item()
-            row.setdefault("tokens", {})[cond] = [(tok.decode([t]), round(v, 3), tok.decode([top])) for t, v, top
-                                                  in zip(ans, per.tolist(), logp.argmax(-1).tolist())]
+            row["tokens"][cond] = [(tok.decode([t]), round(v, 3), tok.decode([top])) for t, v, top
+                                   in zip(ans, per.tolist(), logp.argmax(-1).tolist())]
             row["top"][cond] = envs.ACTION_NAMES[logp[len(head), move_ids].argmax().item()]
         out.append(row)
     return out

@@ -289,6 +289,7 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     eos = torch.tensor([eos_id], device=dev) if min_new else None  # once, not a host-to-device copy per step
     cache.reserve(max_new)  # room for the whole turn: the decode steps keep their shapes
     cols = cache.columns()
+    static = isinstance(model, Transformer)  # other modules with the cache protocol: the general block path
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
@@ -307,9 +308,9 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
             still &= ~cut
         if not still.any():
             break
-        if isinstance(model, Transformer):  # rows done this turn: padding
+        if static:  # rows done this turn: padding
             logits = decode_step(model, cache, cols, tok, active)
-        else:  # any other module with the cache protocol (e.g. a test's wrapper): the general block path
+        else:
             logits = _forward_last(model, cache, tok[:, None], active[:, None])
             cache.col.fill_(cache.cursor)
         active = still
