@@ -175,6 +175,7 @@ def main(argv=None):
     try:  # task_set refuses --n / --train-n outside 1..size of the set
         seeds = {s: envs.task_set(s, args.n if s == "eval" else args.train_n, env=args.env) for s in args.split}
         model, tok = load_model(args.model, device=args.device)
+        rollout.template_pieces(tok, args.model)  # a chat template the sampler cannot follow: one error line
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     for split in dict.fromkeys(args.split):

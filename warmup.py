@@ -96,6 +96,7 @@ def main(argv=None):
     rng = random.Random(a.seed)
     try:
         model, tok = load_model(a.model)
+        template_pieces(tok, a.model)  # a chat template the conversations cannot follow: one error line
         env = envs.make_env(a.env, max_turns=a.max_turns)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")

@@ -15,6 +15,8 @@ import envs
 import model as M
 import rollout as R
 import train
+from eval import main as eval_main
+from warmup import main as warmup_main
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen3's pad, turn start, eos (special tokens)
@@ -122,3 +124,9 @@ def test_train_runs_qwen3_instruct_2507_and_refuses_a_thinking_template(tmp_path
     msg = str(e.value.code)
     assert msg.startswith(f"error: {thinking}: unsupported chat template") and "<think>" in msg and "\n" not in msg
     assert not os.path.exists(tmp_path / "b" / "metrics.jsonl")  # refused before any step
+    for main, argv in ((eval_main, ["--model", thinking, "--n", "2", "--out", str(tmp_path / "c")]),
+                       (warmup_main, ["--model", thinking, "--steps", "1", "--out", str(tmp_path / "d")])):
+        with pytest.raises(SystemExit) as e:  # eval.py and warmup.py refuse it the same way, before any work
+            main(argv)
+        assert str(e.value.code).startswith(f"error: {thinking}: unsupported chat template")
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "d")
