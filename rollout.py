@@ -30,6 +30,7 @@ Deliberate simplifications:
   last is read. Two forward calls per micro-batch cost host time: on a GPU with a small model that can eat the
   saving.
 """
+import functools
 import os
 import time
 import warnings
@@ -39,7 +40,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
 
-from model import Transformer, autocast
+from model import Transformer, autocast, linear, packed_weights
 
 
 class KVCache:
@@ -252,7 +253,7 @@ def _forward_last(model, cache, idx, valid):
 
 def _head(model, h):
     with torch.autocast(h.device.type, enabled=False):  # fp32 head even inside a caller's bf16 autocast:
-        return h.float() @ model.head_weight.float().T   # logp_old must match the trainer's fp32 scoring
+        return linear(h.float(), model.head_weight.float())  # logp_old must match the trainer's fp32 scoring
 
 
 def _cache_dtype(model):
@@ -355,7 +356,18 @@ def template_pieces(tokenizer, model="this model"):
     return tail[len(eos):], pre, post
 
 
+def _packing(fn):
+    """fn(model, ...) with the model's weights packed for the decode step's few-row products (model.packed_weights:
+    on CPU only; weights cannot change during a call, and the packed copies are dropped when it returns)."""
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        with packed_weights(model):
+            return fn(model, *args, **kwargs)
+    return wrapped
+
+
 @torch.no_grad()
+@_packing
 def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_tokens, temperature=1.0,
             top_p=1.0, generator=None, max_len=None, system_prompts=None, min_new_tokens=0):
     """Play P=len(seeds) tasks x G=group_size samples; returns P*G Episodes, task-major. max_len: see the module
@@ -449,6 +461,7 @@ def rollout(model, tokenizer, make_env, seeds, group_size, max_turns, max_new_to
 
 
 @torch.no_grad()
+@_packing
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
              min_new_tokens=0):
     """Batched single-turn generation from already rendered prompts; returns the decoded continuations

@@ -2,6 +2,7 @@
 block-by-block cache path, a full uncached forward, the eager step (same tokens, log-probs within 1e-5), and a
 machine without a C++ compiler (one warning, then the eager step). The other test files decode eagerly
 (conftest sets SKILL_SD_COMPILE=0); the compiled tests here switch it on and use the tiny model."""
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 import rollout as R
@@ -165,3 +167,44 @@ def test_auto_compiles_on_cuda_only(eos_tiny, monkeypatch):
     monkeypatch.setattr(R, "COMPILE", True)  # --compile: torch.compile is called on CPU too
     with pytest.raises(pytest.fail.Exception, match="auto compiled on CPU"):
         R.generate(model, tok, ["hi", "hello"], 4, min_new_tokens=4)
+
+
+def test_packed_weights_equal_plain_products_and_never_go_stale(eos_tiny, monkeypatch):
+    """The sampler's oneDNN-packed weights (model.packed_weights, CPU): inside a rollout every Linear weight and the
+    head are packed and the episodes equal those of the plain F.linear path (tokens; log-probs within 1e-5);
+    outside nothing is packed, products with grad or many rows are F.linear's exactly, and a weight changed in
+    place between two rollouts (an optimizer step) is what the next rollout samples from."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: the sampler uses F.linear")
+    model, tok = M.load("tiny")  # a copy of its own: this test changes a weight
+    model.load_state_dict(eos_tiny[0].state_dict())
+    n_weights = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + 1  # + the tied head
+    packed_during = []
+
+    @contextlib.contextmanager
+    def spy(m):
+        with M.packed_weights(m):
+            packed_during.append(len(M._packed))
+            yield
+    monkeypatch.setattr(R, "packed_weights", spy)
+    packed = rollouts(model, tok)
+    assert packed_during == [n_weights] and not M._packed
+    with M.packed_weights(model):
+        x, w = torch.randn(3, model.config.hidden_size), model.layers[0].mlp.w_gate_up.weight
+        big = torch.randn(M.DECODE_ROWS + 1, model.config.hidden_size)
+        with torch.no_grad():
+            assert torch.allclose(M.linear(x, w), F.linear(x, w), atol=1e-5)
+            assert torch.equal(M.linear(big, w), F.linear(big, w))
+        assert torch.equal(M.linear(x, w), F.linear(x, w))  # with grad: the trainer's product
+    with monkeypatch.context() as m:
+        m.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # packed_weights packs nothing
+        plain = rollouts(model, tok)
+        with torch.no_grad():  # an optimizer step's in-place update
+            model.layers[0].mlp.w_down.weight.mul_(-3.0)
+        changed_plain = rollouts(model, tok)
+    assert packed_during == [n_weights, 0, 0]
+    for a, b in zip(packed, plain):
+        assert (a.tokens, a.mask, a.turn_spans) == (b.tokens, b.mask, b.turn_spans)
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    changed = rollouts(model, tok)  # packed again, from the changed weights
+    assert [e.tokens for e in changed] == [e.tokens for e in changed_plain] != [e.tokens for e in packed]
