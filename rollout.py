@@ -145,12 +145,16 @@ class Column:
         return self.k, self.v
 
 
-def decode_step(model, cache, cols, tok, active):
+def decode_step(model, cache, cols, tok, active, S=None):
     """The sampler's hot step with static shapes: write tok (B,) at column cache.col (active (B,) False: a padding
     row) and return the fp32 logits (B, V) of the next token. Transformer.forward for one column; cols: the
-    layers' Columns (KVCache.columns). Mutates cache.k / v / valid / next_pos / col in place, nothing else."""
-    T = cache.valid.shape[1]
-    mask = (cache.valid | (torch.arange(T, device=tok.device) == cache.col))[:, None, None]  # (B, 1, 1, T)
+    layers' Columns (KVCache.columns). S: attend to the first S columns only (the eager step passes the columns
+    written so far: a multi-turn cache is up to half unused capacity, and reading it costs as much as the weights);
+    None: all T, the static shapes compiled code wants. Mutates cache.k / v / valid / next_pos / col in place."""
+    T = S or cache.valid.shape[1]
+    if S is not None:  # views: the writes still land in the cache
+        cols = [Column(c.k[:, :, :S], c.v[:, :, :S], c.col) for c in cols]
+    mask = (cache.valid[:, :T] | (torch.arange(T, device=tok.device) == cache.col))[:, None, None]  # (B, 1, 1, T)
     if tok.is_cuda and COMPILE:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the blocks' CUDA graphs may reuse their outputs
     with autocast(tok.device):
@@ -291,6 +295,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     cache.reserve(max_new)  # room for the whole turn: the decode steps keep their shapes
     cols = cache.columns()
     static = isinstance(model, Transformer)  # other modules with the cache protocol: the general block path
+    # the step may be compiled: keep every shape static (else attend to the written columns only)
+    compiled = (COMPILE is True or COMPILE == "auto" and logits.is_cuda) and _compiled is not False
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
@@ -309,8 +315,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
             still &= ~cut
         if not still.any():
             break
-        if static:  # rows done this turn: padding
-            logits = decode_step(model, cache, cols, tok, active)
+        if static:  # rows done this turn: padding; column cursor + t is written in this step
+            logits = decode_step(model, cache, cols, tok, active, None if compiled else cache.cursor + t + 1)
         else:
             logits = _forward_last(model, cache, tok[:, None], active[:, None])
             cache.col.fill_(cache.cursor)

@@ -42,23 +42,26 @@ def rollouts(model, tok, **kw):
 def test_static_step_equals_the_block_path_and_a_full_forward():
     """Decode steps through Columns (all T columns attended, unwritten ones masked, writes by index) give the logits
     of the KVCache block path (one column per block) and of an uncached forward over each row's real tokens,
-    also with some rows riding along as padding and with twice the capacity."""
+    also with some rows riding along as padding, with twice the capacity, and attending to the written columns
+    only (the eager sampler's S)."""
     model, _ = M.load("tiny")
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     steps = torch.tensor([[20, 21, 22], [23, 24, 25], [26, 27, 28], [29, 30, 31]])  # (N, B): step t's tokens
     active = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
     caches = {"block": R.KVCache(model.config, 3, 128), "static": R.KVCache(model.config, 3, 128),
-              "static, 256 columns": R.KVCache(model.config, 3, 256)}
+              "static, 256 columns": R.KVCache(model.config, 3, 256),
+              "static, written columns only": R.KVCache(model.config, 3, 256)}
     out = {}
     with torch.no_grad():
         for name, cache in caches.items():
             out[name] = [R._forward_last(model, cache, *R._left_pad(prompts, 0, "cpu"))]
             cols = cache.columns()
-            for tok, act in zip(steps, active):
+            for t, (tok, act) in enumerate(zip(steps, active)):
                 if name == "block":
                     out[name].append(R._forward_last(model, cache, tok[:, None], act[:, None]))
-                else:
-                    out[name].append(R.decode_step(model, cache, cols, tok, act))
+                else:  # the eager sampler attends to the columns written so far: cursor + t + 1
+                    S = cache.cursor + t + 1 if name.endswith("only") else None
+                    out[name].append(R.decode_step(model, cache, cols, tok, act, S))
             if name != "block":
                 cache.cursor = int(cache.col)
         real = torch.cat([torch.ones(1, 3, dtype=torch.bool), active])  # a padding row's logits are never read
@@ -116,7 +119,9 @@ def test_a_failing_compile_warns_once_and_decodes_eagerly(eos_tiny, monkeypatch)
         again = rollouts(model, tok), rollouts(model, tok)
     msgs = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0] and R._compiled is False
-    assert again[0] == eager and again[1] == eager
+    assert again[1] == eager  # the first call's first turn attended to all cache columns: equal up to rounding
+    assert [e.tokens for e in again[0]] == [e.tokens for e in eager]
+    assert max(abs(x - y) for a, b in zip(again[0], eager) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
 
 
 NO_CXX = textwrap.dedent("""
