@@ -169,9 +169,9 @@ def decode_step(model, cache, cols, tok, active, S=None):
     return _head(model, h)
 
 
-# compile the decode step's blocks (see _block)? "auto": on CUDA only. On this project's 2-core CPU the compiled step
-# measured as fast as the eager one (bench_rollout, one process: 73 vs 74 ms at B = 1, 177 vs 178 ms at B = 16; the
-# step is matmuls, the same aten kernels either way), so compiling there costs 4-46 s per process for little.
+# compile the decode step's blocks (see _block)? "auto": on CUDA only. On this project's 2-core CPU the eager step is
+# the faster one (bench_rollout, one process: 63 vs 64 ms at B = 1, 100 vs 133 ms at B = 16): it is matmuls, and
+# only the eager step uses the packed weights (model.linear) and attends to the written columns only.
 # True / False: train.py / eval.py --compile / --no-compile, or SKILL_SD_COMPILE=1 / 0 for every process (the tests use 0)
 COMPILE = {"0": False, "1": True}.get(os.environ.get("SKILL_SD_COMPILE", ""), "auto")
 _compiled = None  # the compiled block, made on first use; False once compiling failed
