@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,34 +35,37 @@ import torch.nn.functional as F
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
-# A decode step multiplies a few rows by every weight. On this project's CPU, F.linear (MKL) runs those small-M
-# products at 25-50 GFLOP/s; oneDNN with the weights packed once into its blocked layout ran the decode step 1.3-1.7x
-# faster at 16 rows (bench/bench_rollout.py (c)). The sampler packs the weights for the length of one rollout
-# (they do not change within it) and drops them after: nothing can go stale across optimizer steps.
-_packed = {}  # id(weight) -> that weight packed for oneDNN, while packed_weights() is open
+# A decode step multiplies a few rows by every weight. On this project's CPU (AMD EPYC) F.linear (MKL) runs such
+# products at 25-50 GFLOP/s; with the weights packed once into oneDNN's blocked layout the decode step ran 1.5x
+# faster at 16 rows and 1.25x at 1 (bench/bench_linear.py: check another CPU there). The sampler packs the weights
+# for one rollout (they do not change within it) and drops them after: nothing can go stale across optimizer steps.
+_local = threading.local()  # .packed: id(weight) -> that weight packed for oneDNN, while packed_weights() is open
+# (per thread: a generate() in a worker thread packs its own copies and never hands them to the main thread)
 DECODE_ROWS = 64  # no-grad products with at most this many rows use the packed weights
 
 
 @contextlib.contextmanager
 def packed_weights(model):
     """Within: linear() of a model weight with at most DECODE_ROWS rows and no grad uses a oneDNN-packed copy (fp32
-    on CPU with oneDNN; elsewhere nothing changes). Costs one more copy of the weights, ~0.35 s for SmolLM2-135M."""
+    on CPU with oneDNN, plain tensors; elsewhere nothing changes). Costs one more copy of the weights, ~0.35 s for
+    SmolLM2-135M."""
     ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] + [model.head_weight]
-    if _packed or not torch.backends.mkldnn.is_available() or \
-            any(w.device.type != "cpu" or w.dtype != torch.float32 for w in ws):
-        yield  # nested, or not a CPU fp32 model
+    if getattr(_local, "packed", None) or not torch.backends.mkldnn.is_available() or \
+            any(type(w.data) is not torch.Tensor or w.device.type != "cpu" or w.dtype != torch.float32 for w in ws):
+        yield  # nested, or not a CPU fp32 model (FSDP's sharded weights are DTensors)
         return
     try:
-        _packed.update({id(w): torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16) for w in ws})
+        _local.packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16) for w in ws}
         yield
     finally:
-        _packed.clear()
+        _local.packed = None
 
 
 def linear(x, w, b=None):
     """F.linear(x, w, b); inside packed_weights(), a few rows without grad use w's packed copy (the same products
     summed in another order: equal within fp32 rounding)."""
-    p = None if torch.compiler.is_compiling() or not _packed else _packed.get(id(w))
+    packed = None if torch.compiler.is_compiling() else getattr(_local, "packed", None)
+    p = packed.get(id(w)) if packed else None
     if p is None or torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]:
         return F.linear(x, w, b)
     return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")

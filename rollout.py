@@ -131,9 +131,9 @@ def round_up(n, to=128):
 
 class Column:
     """Layer i's cache in the decode step (Block.forward's `cache`): one new column per row, written by index at
-    column `col`, a (1,) tensor (moving it needs no recompile), into a KVCache's buffers. Nothing changes
-    shape within a turn and nothing but activations is allocated, as torch.compile and CUDA graphs want; the price
-    is attention over all T columns, the unwritten ones masked."""
+    column `col`, a (1,) tensor (moving it needs no recompile), into a KVCache's buffers (or views of their first
+    S columns: the eager step). Nothing changes shape within a turn and nothing but activations is allocated, as
+    torch.compile and CUDA graphs want; the price is attention over all T columns, the unwritten ones masked."""
 
     def __init__(self, k, v, col):
         self.k, self.v, self.col = k, v, col  # (B, H, T, D), (B, H, T, D), (1,)
@@ -296,7 +296,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     cols = cache.columns()
     static = isinstance(model, Transformer)  # other modules with the cache protocol: the general block path
     # the step may be compiled: keep every shape static (else attend to the written columns only)
-    compiled = (COMPILE is True or COMPILE == "auto" and logits.is_cuda) and _compiled is not False
+    compiled = (COMPILE is True or COMPILE == "auto" and logits.is_cuda) and _compiled is not False \
+        and static and not isinstance(model.layers[0], FSDPModule)  # as _block decides
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)

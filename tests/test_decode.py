@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import pytest
@@ -176,24 +177,27 @@ def test_auto_compiles_on_cuda_only(eos_tiny, monkeypatch):
 
 def test_packed_weights_equal_plain_products_and_never_go_stale(eos_tiny, monkeypatch):
     """The sampler's oneDNN-packed weights (model.packed_weights, CPU): inside a rollout every Linear weight and the
-    head are packed and the episodes equal those of the plain F.linear path (tokens; log-probs within 1e-5);
-    outside nothing is packed, products with grad or many rows are F.linear's exactly, and a weight changed in
+    head are packed and used, and the episodes equal those of the plain F.linear path (tokens; log-probs within
+    1e-5); outside nothing is packed, products with grad or many rows are F.linear's exactly, and a weight changed in
     place between two rollouts (an optimizer step) is what the next rollout samples from."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN: the sampler uses F.linear")
     model, tok = M.load("tiny")  # a copy of its own: this test changes a weight
     model.load_state_dict(eos_tiny[0].state_dict())
-    n_weights = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + 1  # + the tied head
-    packed_during = []
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} | {id(model.head_weight)}
+    packed_during, used = [], set()
 
     @contextlib.contextmanager
     def spy(m):
         with M.packed_weights(m):
-            packed_during.append(len(M._packed))
+            packed_during.append(set(getattr(M._local, "packed", None) or {}))
             yield
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, p, *a: (used.add(id(p)), real(x, p, *a))[1])
     monkeypatch.setattr(R, "packed_weights", spy)
     packed = rollouts(model, tok)
-    assert packed_during == [n_weights] and not M._packed
+    assert packed_during == [weights] and not getattr(M._local, "packed", None)
+    assert len(used) == len(weights)  # every packed copy did the products of its weight
     with M.packed_weights(model):
         x, w = torch.randn(3, model.config.hidden_size), model.layers[0].mlp.w_gate_up.weight
         big = torch.randn(M.DECODE_ROWS + 1, model.config.hidden_size)
@@ -207,9 +211,53 @@ def test_packed_weights_equal_plain_products_and_never_go_stale(eos_tiny, monkey
         with torch.no_grad():  # an optimizer step's in-place update
             model.layers[0].mlp.w_down.weight.mul_(-3.0)
         changed_plain = rollouts(model, tok)
-    assert packed_during == [n_weights, 0, 0]
+    assert packed_during == [weights, set(), set()]
     for a, b in zip(packed, plain):
         assert (a.tokens, a.mask, a.turn_spans) == (b.tokens, b.mask, b.turn_spans)
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
     changed = rollouts(model, tok)  # packed again, from the changed weights
     assert [e.tokens for e in changed] == [e.tokens for e in changed_plain] != [e.tokens for e in packed]
+
+
+def test_the_eager_step_attends_to_the_written_columns_only(eos_tiny, monkeypatch):
+    """Every eager decode step of a multi-turn rollout attends to S = the column it writes + 1, within the cache's
+    capacity T (the compiled step would get None: all T)."""
+    model, tok = eos_tiny
+    monkeypatch.setattr(R, "COMPILE", False)
+    seen, real = [], R.decode_step
+
+    def spy(model, cache, cols, tok, active, S=None):
+        seen.append((S, int(cache.col) + 1, cache.valid.shape[1]))
+        return real(model, cache, cols, tok, active, S)
+    monkeypatch.setattr(R, "decode_step", spy)
+    rollouts(model, tok)
+    assert seen and all(S == written <= T for S, written, T in seen)
+    assert len({T for _, _, T in seen}) > 1 and min(S for S, _, _ in seen) < min(T for _, _, T in seen)
+
+
+def test_a_worker_threads_packing_never_reaches_the_main_thread(eos_tiny):
+    """A generate() in a worker thread (an asynchronous "self" summariser) packs its own copies: the main thread,
+    after an optimizer step, packs the changed weights instead of reusing the worker's."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: the sampler uses F.linear")
+    model, _ = M.load("tiny")
+    model.load_state_dict(eos_tiny[0].state_dict())
+    opened, done = threading.Event(), threading.Event()
+
+    def worker():
+        with M.packed_weights(model):
+            opened.set()
+            done.wait(60)
+    th = threading.Thread(target=worker)
+    th.start()
+    try:
+        assert opened.wait(60)
+        w = model.layers[0].mlp.w_down.weight
+        with torch.no_grad():
+            w.mul_(-3.0)  # the step, while the worker's packing is open
+            with M.packed_weights(model):
+                x = torch.randn(2, w.shape[1])
+                assert torch.allclose(M.linear(x, w), F.linear(x, w), atol=1e-5)
+    finally:
+        done.set()
+        th.join()
