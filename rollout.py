@@ -133,7 +133,8 @@ class Column:
     """Layer i's cache in the decode step (Block.forward's `cache`): one new column per row, written by index at
     column `col`, a (1,) tensor (moving it needs no recompile), into a KVCache's buffers (or views of their first
     S columns: the eager step). Nothing changes shape within a turn and nothing but activations is allocated, as
-    torch.compile and CUDA graphs want; the price is attention over all T columns, the unwritten ones masked."""
+    torch.compile and CUDA graphs want; the compiled step's price is attention over all T columns, unwritten ones
+    masked."""
 
     def __init__(self, k, v, col):
         self.k, self.v, self.col = k, v, col  # (B, H, T, D), (B, H, T, D), (1,)
@@ -184,8 +185,7 @@ def _block(layer, x, cos, sin, mask, col):
     unsupported device) gives one warning and the eager block from then on; fullgraph: a compile error surfaces
     before the graph runs, so nothing was written when the eager block takes over."""
     global _compiled
-    if (COMPILE is True or COMPILE == "auto" and x.is_cuda) and _compiled is not False \
-            and not isinstance(layer, FSDPModule):
+    if _compiles(layer, x):
         try:
             if _compiled is not None:
                 return _compiled(layer, x, cos, sin, mask, col)
@@ -202,6 +202,12 @@ def _block(layer, x, cos, sin, mask, col):
             warnings.warn(f"torch.compile failed, decoding eagerly ({type(e).__name__}: {str(e)[:200]})")
             _compiled = False
     return _run_block(layer, x, cos, sin, mask, col)
+
+
+def _compiles(layer, x):
+    """Does the decode step run `layer` compiled (tried, or to be tried) for input x? See COMPILE and _block."""
+    return (COMPILE is True or COMPILE == "auto" and x.is_cuda) and _compiled is not False \
+        and not isinstance(layer, FSDPModule)
 
 
 def _run_block(layer, x, cos, sin, mask, col):
@@ -295,9 +301,7 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     cache.reserve(max_new)  # room for the whole turn: the decode steps keep their shapes
     cols = cache.columns()
     static = isinstance(model, Transformer)  # other modules with the cache protocol: the general block path
-    # the step may be compiled: keep every shape static (else attend to the written columns only)
-    compiled = (COMPILE is True or COMPILE == "auto" and logits.is_cuda) and _compiled is not False \
-        and static and not isinstance(model.layers[0], FSDPModule)  # as _block decides
+    compiled = static and _compiles(model.layers[0], logits)  # compiled: static shapes; eager: written columns only
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
