@@ -37,18 +37,17 @@ ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCaus
 
 # A decode step multiplies a few rows by every weight. On this project's CPU (AMD EPYC) F.linear (MKL) runs such
 # products at 25-50 GFLOP/s; with the weights packed once into oneDNN's blocked layout the decode step ran 1.5x
-# faster at 16 rows and 1.25x at 1 (bench/bench_linear.py: check another CPU there). The sampler packs the weights
-# for one rollout (they do not change within it) and drops them after: nothing can go stale across optimizer steps.
+# faster at 16 rows and 1.25x at 1, and the sampler's prefill blocks (100-800 rows) 1.2-1.4x (bench/bench_linear.py:
+# check another CPU there). The sampler packs the weights for one rollout (they do not change within it) and drops
+# them after: nothing can go stale across optimizer steps.
 _local = threading.local()  # .packed: id(weight) -> that weight packed for oneDNN, while packed_weights() is open
 # (per thread: a generate() in a worker thread packs its own copies and never hands them to the main thread)
-DECODE_ROWS = 64  # no-grad products with at most this many rows use the packed weights
 
 
 @contextlib.contextmanager
 def packed_weights(model):
-    """Within: linear() of a model weight with at most DECODE_ROWS rows and no grad uses a oneDNN-packed copy (fp32
-    on CPU with oneDNN, plain tensors; elsewhere nothing changes). Costs one more copy of the weights, ~0.35 s for
-    SmolLM2-135M."""
+    """Within: linear() of a model weight without grad uses a oneDNN-packed copy (fp32 on CPU with oneDNN, plain
+    tensors; elsewhere nothing changes). Costs one more copy of the weights, ~0.35 s for SmolLM2-135M."""
     ws = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] + [model.head_weight]
     if getattr(_local, "packed", None) or not torch.backends.mkldnn.is_available() or \
             any(type(w.data) is not torch.Tensor or w.device.type != "cpu" or w.dtype != torch.float32 for w in ws):
@@ -62,11 +61,11 @@ def packed_weights(model):
 
 
 def linear(x, w, b=None):
-    """F.linear(x, w, b); inside packed_weights(), a few rows without grad use w's packed copy (the same products
-    summed in another order: equal within fp32 rounding)."""
+    """F.linear(x, w, b); inside packed_weights() and without grad, with w's packed copy (the same products summed
+    in another order: equal within fp32 rounding)."""
     packed = None if torch.compiler.is_compiling() else getattr(_local, "packed", None)
     p = packed.get(id(w)) if packed else None
-    if p is None or torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]:
+    if p is None or torch.is_grad_enabled():
         return F.linear(x, w, b)
     return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
 

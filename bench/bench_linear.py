@@ -1,12 +1,12 @@
-"""Few-row weight products on this CPU: why the eager decode step uses oneDNN-packed weights (model.linear).
+"""Weight products on this CPU: why the sampler (decode steps, prefill blocks) uses oneDNN-packed weights.
 
 (1) isolated: the decode step's products of one SmolLM2-135M-shaped model, in model order (30 layers x qkv, out,
-    fused gate/up, down, then the head: 121 matrices, 538 MB, random weights), at 1 / 4 / 16 / 64 rows, computed
-    as F.linear (MKL), (W x^T)^T (MKL, transposed), MKL's packed sgemm, oneDNN unpacked and oneDNN packed; median
-    of 7 sweeps each. (2) in the decode step: generate()'s ms per new token on SmolLM2-135M at B = 1 and 16 with
+    fused gate/up, down, then the head: 121 matrices, 538 MB, random weights), at 1 / 4 / 16 / 64 rows (decode
+    steps) and 256 / 768 rows (the sampler's prefill blocks: packed too), computed as F.linear (MKL), (W x^T)^T
+    (MKL, transposed), MKL's packed sgemm, oneDNN unpacked and oneDNN packed; median of 7 sweeps each. (2) in the decode step: generate()'s ms per new token on SmolLM2-135M at B = 1 and 16 with
     the packed weights and without them (model.packed_weights made a no-op), interleaved, best of 3.
 About 3 minutes on 2 free cores; needs the machine to itself.
-Usage: python bench/bench_linear.py [--rows 1,4,16,64] [--no-step]
+Usage: python bench/bench_linear.py [--rows 1,4,16,64,256,768] [--no-step]
 """
 import argparse
 import os
@@ -83,7 +83,8 @@ def in_the_step(N=32):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,4,16,64", help="rows of the isolated products (default 1,4,16,64)")
+    ap.add_argument("--rows", default="1,4,16,64,256,768",
+                    help="rows of the isolated products (default 1,4,16,64,256,768)")
     ap.add_argument("--no-step", action="store_true", help="skip (2), the decode step on SmolLM2")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
