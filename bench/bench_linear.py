@@ -3,8 +3,9 @@
 (1) isolated: the decode step's products of one SmolLM2-135M-shaped model, in model order (30 layers x qkv, out,
     fused gate/up, down, then the head: 121 matrices, 538 MB, random weights), at 1 / 4 / 16 / 64 rows (decode
     steps) and 256 / 768 rows (the sampler's prefill blocks: packed too), computed as F.linear (MKL), (W x^T)^T
-    (MKL, transposed), MKL's packed sgemm, oneDNN unpacked and oneDNN packed; median of 7 sweeps each. (2) in the decode step: generate()'s ms per new token on SmolLM2-135M at B = 1 and 16 with
-    the packed weights and without them (model.packed_weights made a no-op), interleaved, best of 3.
+    (MKL, transposed), MKL's packed sgemm, oneDNN unpacked and oneDNN packed; median of 7 sweeps each.
+(2) in the decode step: generate()'s ms per new token on SmolLM2-135M at B = 1 and 16 with the packed weights and
+    without them (model.packed_weights made a no-op), interleaved, best of 3.
 About 3 minutes on 2 free cores; needs the machine to itself.
 Usage: python bench/bench_linear.py [--rows 1,4,16,64,256,768] [--no-step]
 """

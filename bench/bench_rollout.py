@@ -11,9 +11,9 @@ Both sides are forced to the same number of new tokens per turn (eos forbidden u
 the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
 keeps each side's best. Ours is timed twice in the same process, with the compiled decode step and with the eager
 one (R.COMPILE, read at every step; rollout's default "auto" picks compiled on CUDA only; on CPU only the eager step
-uses oneDNN-packed weights), interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only. The compile happens in the warm-up and its time is
-printed. About 8 minutes on 2 free cores (the HF loop of (a) on SmolLM2 is most of it);
-when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
+uses oneDNN-packed weights), interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only.
+The compile happens in the warm-up and its time is printed. About 8 minutes on 2 free cores (the HF loop of (a) on
+SmolLM2 is most of it); when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
 Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts abc] [--threads N] [--no-compile]
 """
 import argparse
@@ -105,9 +105,14 @@ def bench(name, new_tokens, parts, paths):
 STEP = {True: "compiled", False: "eager"}
 
 
+def ours_multi_turn(model, tok, seeds, new_tokens):
+    """Our side of (a): one rollout, new_tokens forced per turn (also profiled by bench/profile_rollout.py)."""
+    return R.rollout(model, tok, make_env, seeds, G, TURNS, new_tokens, generator=torch.Generator().manual_seed(0),
+                     min_new_tokens=new_tokens)
+
+
 def multi_turn(name, model, tok, hf, seeds, new_tokens, paths):
-    ours = lambda: R.rollout(model, tok, make_env, seeds, G, TURNS, new_tokens,  # noqa: E731
-                             generator=torch.Generator().manual_seed(0), min_new_tokens=new_tokens)
+    ours = lambda: ours_multi_turn(model, tok, seeds, new_tokens)  # noqa: E731
     before = {c: with_step(c, ours) for c in paths}
     n, t_hf = timed(lambda: hf_multi_turn(hf, tok, seeds, new_tokens, 0))
     after = {c: with_step(c, ours)[1] for c in paths}  # ours runs before and after the (long) baseline: a drift

@@ -1,12 +1,13 @@
 """Where a multi-turn rollout's time goes: torch.profiler over one rollout of bench_rollout's benchmark (a).
 
-The rollout (P=2 Sokoban levels x G=4 samples x 8 turns of 24 tokens, eos forbidden until the budget) runs once
-to warm up, then once timed without the profiler and once under it. Each operator's self CPU time is attributed
-to the phase it ran in: "prefill" (the forwards that write a block into the cache: the prompts, then each turn's
-observations), "decode" (the decode steps) or "other" (weight packing, cache growth between forwards, sampling,
-env steps, tokenizing). Prints the wall times, then per phase its total and its heaviest operators;
-"python" is the phase's own time outside operators (module calls, argument handling). Needs the machine to itself.
-Usage: python bench/profile_rollout.py [--model smollm2-135m] [--rows 10] [--compile]
+The rollout (bench_rollout.ours_multi_turn: P=2 Sokoban levels x G=4 samples x 8 turns of 24 tokens, eos
+forbidden until the budget) runs once to warm up, then once timed without the profiler and once under it. Each
+operator's self CPU time is attributed to the phase it ran in: "prefill" (the forwards that write a block into the
+cache: the prompts, then each turn's observations), "decode" (the decode steps) or "other" (weight packing, cache
+growth between forwards, sampling, env steps, tokenizing). Prints the wall times, then per phase its total and its
+heaviest operators; "python" is the phase's own time outside operators (module calls, argument handling). Needs
+the machine to itself.
+Usage: python bench/profile_rollout.py [--model smollm2-135m] [--new-tokens 24] [--rows 10] [--compile]
 """
 import argparse
 import collections
@@ -43,6 +44,7 @@ def marked(fn, phase):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="model name (default smollm2-135m)")
+    ap.add_argument("--new-tokens", type=int, default=24, help="tokens sampled per turn (default 24, as bench_rollout)")
     ap.add_argument("--rows", type=int, default=10, help="operators listed per phase (default 10)")
     ap.add_argument("--compile", action="store_true", help="the compiled decode step (default: eager on CPU)")
     args = ap.parse_args()
@@ -51,8 +53,7 @@ def main():
     model.eval()
     seeds = envs.task_set("eval", BR.P)
     R._forward_last, R.decode_step = marked(R._forward_last, "prefill"), marked(R.decode_step, "decode")
-    play = lambda: R.rollout(model, tok, BR.make_env, seeds, BR.G, BR.TURNS, 24,  # noqa: E731
-                             generator=torch.Generator().manual_seed(0), min_new_tokens=24)
+    play = lambda: BR.ours_multi_turn(model, tok, seeds, args.new_tokens)  # noqa: E731
     play()
     wall.clear()
     t = time.perf_counter()
