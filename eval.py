@@ -164,8 +164,10 @@ def main(argv=None):
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--plot", metavar="METRICS_JSONL", help="instead of evaluating, plot this metrics.jsonl to PNG")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-compile", action="store_true", help="decode eagerly (default: compile the decode step on CUDA)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step on CPU too (no faster there)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="decode eagerly (default: compile the decode step where torch.compile works)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (the default; a failed compile warns once, then decodes eagerly)")
     args = p.parse_args(argv)
     if args.no_compile or args.compile:
         rollout.COMPILE = args.compile and not args.no_compile

@@ -40,7 +40,7 @@ ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCaus
 # faster at 16 rows and 1.25x at 1, and the sampler's prefill blocks (100-800 rows) 1.2-1.4x (bench/bench_linear.py:
 # check another CPU there). The sampler packs the weights for one rollout (they do not change within it) and drops
 # them after: nothing can go stale across optimizer steps.
-_local = threading.local()  # .packed: id(weight) -> that weight packed for oneDNN, while packed_weights() is open
+_local = threading.local()  # .packed: weight.data_ptr() -> that weight packed for oneDNN, inside packed_weights()
 # (per thread: a generate() in a worker thread packs its own copies and never hands them to the main thread)
 
 
@@ -54,20 +54,36 @@ def packed_weights(model):
         yield  # nested, or not a CPU fp32 model (FSDP's sharded weights are DTensors)
         return
     try:
-        _local.packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16) for w in ws}
+        _local.packed = {w.data_ptr(): torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16) for w in ws}
         yield
     finally:
         _local.packed = None
 
 
+def _packed_linear(x, w, b):
+    packed = getattr(_local, "packed", None)
+    p = packed.get(w.data_ptr()) if packed else None
+    if p is None:
+        return F.linear(x, w, b)
+    return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+
+
+# the same product as an operator for the compiled decode step (rollout.py): a compiled graph calls it as is, so
+# the packed copy is looked up when the graph runs (the copies are remade every rollout), not when it was traced
+_lib = torch.library.Library("skill_sd", "DEF")
+_lib.define("packed_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+_lib.impl("packed_linear", _packed_linear, "CPU")
+torch.library.register_fake("skill_sd::packed_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
+
+
 def linear(x, w, b=None):
     """F.linear(x, w, b); inside packed_weights() and without grad, with w's packed copy (the same products summed
     in another order: equal within fp32 rounding)."""
-    packed = None if torch.compiler.is_compiling() else getattr(_local, "packed", None)
-    p = packed.get(id(w)) if packed else None
-    if p is None or torch.is_grad_enabled():
+    if torch.is_grad_enabled() or x.device.type != "cpu":
         return F.linear(x, w, b)
-    return torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+    if torch.compiler.is_compiling():
+        return torch.ops.skill_sd.packed_linear(x, w, b)
+    return _packed_linear(x, w, b)
 
 
 @dataclass

@@ -131,10 +131,9 @@ def round_up(n, to=128):
 
 class Column:
     """Layer i's cache in the decode step (Block.forward's `cache`): one new column per row, written by index at
-    column `col`, a (1,) tensor (moving it needs no recompile), into a KVCache's buffers (or views of their first
-    S columns: the eager step). Nothing changes shape within a turn and nothing but activations is allocated, as
-    torch.compile and CUDA graphs want; the compiled step's price is attention over all T columns, unwritten ones
-    masked."""
+    column `col`, a (1,) tensor (moving it needs no recompile), into a KVCache's buffers (on CUDA: all T columns,
+    the fixed shapes CUDA graphs want, at the price of attending to unwritten ones, masked) or views of their first
+    S columns (elsewhere: the columns written so far; S is a dynamic dimension of the compiled step)."""
 
     def __init__(self, k, v, col):
         self.k, self.v, self.col = k, v, col  # (B, H, T, D), (B, H, T, D), (1,)
@@ -149,20 +148,20 @@ class Column:
 def decode_step(model, cache, cols, tok, active, S=None):
     """The sampler's hot step with static shapes: write tok (B,) at column cache.col (active (B,) False: a padding
     row) and return the fp32 logits (B, V) of the next token. Transformer.forward for one column; cols: the
-    layers' Columns (KVCache.columns). S: attend to the first S columns only (the eager step passes the columns
-    written so far: a multi-turn cache is up to half unused capacity, and reading it costs as much as the weights);
-    None: all T, the static shapes compiled code wants. Mutates cache.k / v / valid / next_pos / col in place."""
+    layers' Columns (KVCache.columns). S: attend to the first S columns only (the sampler passes the columns written
+    so far, except compiled on CUDA: a multi-turn cache is up to half unused capacity, and reading it costs as much
+    as the weights); None: all T, the static shapes CUDA graphs want. Mutates cache.k / v / valid / next_pos / col
+    in place."""
     T = S or cache.valid.shape[1]
     if S is not None:  # views: the writes still land in the cache
         cols = [Column(c.k[:, :, :S], c.v[:, :, :S], c.col) for c in cols]
     mask = (cache.valid[:, :T] | (torch.arange(T, device=tok.device) == cache.col))[:, None, None]  # (B, 1, 1, T)
     if tok.is_cuda and COMPILE:
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: the blocks' CUDA graphs may reuse their outputs
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the step's CUDA graph may reuse its outputs
     with autocast(tok.device):
         x = model.tok_emb(tok[:, None])  # (B, 1, C)
         cos, sin = model.rope(cache.next_pos[:, None], x)  # tok's position: next_pos (B, 1)
-        for layer, col in zip(model.layers, cols):
-            x = _block(layer, x, cos, sin, mask, col)
+        x = _layers(model, x, cos, sin, mask, cols)
         h = model.norm(x)[:, -1]  # (B, C)
     cache.valid.index_copy_(1, cache.col, active[:, None])  # the mask above saw the new column anyway
     cache.next_pos += active
@@ -170,48 +169,47 @@ def decode_step(model, cache, cols, tok, active, S=None):
     return _head(model, h)
 
 
-# compile the decode step's blocks (see _block)? "auto": on CUDA only. On this project's 2-core CPU the eager step is
-# the faster one (bench_rollout, one process: 63 vs 64 ms at B = 1, 100 vs 133 ms at B = 16): it is matmuls, and
-# only the eager step uses the packed weights (model.linear) and attends to the written columns only.
+# compile the decode step's layers (see _layers)? "auto": wherever torch.compile works. On this project's 2-core CPU
+# a multi-turn rollout ran 1.10x faster than with the eager layers (same process), whose ~40 operators a layer cost
+# ~16 ms a step at B = 8 in calls and small kernels; the first compile takes ~40 s there (then cached on disk).
 # True / False: train.py / eval.py --compile / --no-compile, or SKILL_SD_COMPILE=1 / 0 for every process (the tests use 0)
 COMPILE = {"0": False, "1": True}.get(os.environ.get("SKILL_SD_COMPILE", ""), "auto")
-_compiled = None  # the compiled block, made on first use; False once compiling failed
+_compiled = None  # the compiled layers, made on first use; False once compiling failed
 
 
-def _block(layer, x, cos, sin, mask, col):
-    """layer(x) in the decode step, compiled where torch.compile works (CPU with a C++ compiler; CUDA, with CUDA
-    graphs). One block is compiled and serves every layer (the layers differ only in their weights, which are
-    inputs): a whole-step graph took minutes to compile on a 2-core CPU. The first failure (no compiler, an
-    unsupported device) gives one warning and the eager block from then on; fullgraph: a compile error surfaces
-    before the graph runs, so nothing was written when the eager block takes over."""
+def _layers(model, x, cos, sin, mask, cols):
+    """model.layers on x (B, 1, C) in the decode step, compiled where torch.compile works (CPU with a C++ compiler;
+    CUDA, with CUDA graphs): the whole stack as one graph, as gpt-fast does (graphs per layer cost as much in calls
+    as they saved). On CPU its products call model.linear's packed copies through an operator. The first failure
+    (no compiler, an unsupported device) gives one warning and the eager layers from then on; fullgraph: a compile
+    error surfaces before the graph runs, so nothing was written when the eager layers take over."""
     global _compiled
-    if _compiles(layer, x):
+    if _compiles(model.layers[0], x):
         try:
             if _compiled is not None:
-                return _compiled(layer, x, cos, sin, mask, col)
+                return _compiled(model.layers, x, cos, sin, mask, cols)
             mode = "reduce-overhead" if x.is_cuda else None  # CUDA graphs: no kernel launch cost
-            _compiled, t = torch.compile(_run_block, fullgraph=True, mode=mode), time.time()
-            # rows (B) and cache columns (T) vary between turns and runs: one graph for all of them (B = 1 aside)
-            for a, dims in ((x, (0,)), (cos, (0,)), (sin, (0,)), (mask, (0, 3)), (col.k, (0, 2)), (col.v, (0, 2))):
-                for d in dims:
-                    torch._dynamo.maybe_mark_dynamic(a, d)
-            x = _compiled(layer, x, cos, sin, mask, col)
+            # dynamic: rows (B) and cache columns (S or T) vary between steps, turns and runs; one graph serves them
+            # all (B = 1 gets its own)
+            _compiled, t = torch.compile(_run_layers, fullgraph=True, dynamic=True, mode=mode), time.time()
+            x = _compiled(model.layers, x, cos, sin, mask, cols)
             print(f"rollout: compiled the decode step in {time.time() - t:.0f} s (--no-compile: eager)", flush=True)
             return x
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"torch.compile failed, decoding eagerly ({type(e).__name__}: {str(e)[:200]})")
             _compiled = False
-    return _run_block(layer, x, cos, sin, mask, col)
+    return _run_layers(model.layers, x, cos, sin, mask, cols)
 
 
 def _compiles(layer, x):
-    """Does the decode step run `layer` compiled (tried, or to be tried) for input x? See COMPILE and _block."""
-    return (COMPILE is True or COMPILE == "auto" and x.is_cuda) and _compiled is not False \
-        and not isinstance(layer, FSDPModule)
+    """Does the decode step run compiled (tried, or to be tried) for input x? See COMPILE and _layers."""
+    return (COMPILE is True or COMPILE == "auto") and _compiled is not False and not isinstance(layer, FSDPModule)
 
 
-def _run_block(layer, x, cos, sin, mask, col):
-    return layer(x, cos, sin, mask, col, None)  # the layer index: col is this layer's cache already
+def _run_layers(layers, x, cos, sin, mask, cols):
+    for layer, col in zip(layers, cols):
+        x = layer(x, cos, sin, mask, col, None)  # the layer index: col is this layer's cache already
+    return x
 
 
 @dataclass
@@ -301,7 +299,8 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
     cache.reserve(max_new)  # room for the whole turn: the decode steps keep their shapes
     cols = cache.columns()
     static = isinstance(model, Transformer)  # other modules with the cache protocol: the general block path
-    compiled = static and _compiles(model.layers[0], logits)  # compiled: static shapes; eager: written columns only
+    # CUDA graphs want static shapes: the compiled step attends to all T columns there; elsewhere to those written
+    every = static and logits.is_cuda and _compiles(model.layers[0], logits)
     for t in range(max_new):
         scaled = logits / temperature if temperature > 0 else logits  # the policy trained is the tempered one
         lse = torch.logsumexp(scaled, -1)  # (B,)
@@ -321,7 +320,7 @@ def _sample_turn(model, cache, logits, max_new, eos_id, pad_id, temperature, top
         if not still.any():
             break
         if static:  # rows done this turn: padding; column cursor + t is written in this step
-            logits = decode_step(model, cache, cols, tok, active, None if compiled else cache.cursor + t + 1)
+            logits = decode_step(model, cache, cols, tok, active, None if every else cache.cursor + t + 1)
         else:
             logits = _forward_last(model, cache, tok[:, None], active[:, None])
             cache.col.fill_(cache.cursor)

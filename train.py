@@ -133,8 +133,10 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--max-len", type=int, default=None,
                    help="most tokens an episode may hold, longer ones are cut (None: max_position_embeddings)")
-    g.add_argument("--no-compile", action="store_true", help="decode eagerly (default: compile the decode step on CUDA)")
-    g.add_argument("--compile", action="store_true", help="compile the decode step on CPU too (no faster there)")
+    g.add_argument("--no-compile", action="store_true",
+                   help="decode eagerly (default: compile the decode step where torch.compile works)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step (the default; a failed compile warns once, then decodes eagerly)")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), 'tiny', an HF id or folder")
     g.add_argument("--out", default="runs/default", help="output folder (metrics, episodes, skills, checkpoints)")

@@ -10,8 +10,8 @@
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
 the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
 keeps each side's best. Ours is timed twice in the same process, with the compiled decode step and with the eager
-one (R.COMPILE, read at every step; rollout's default "auto" picks compiled on CUDA only; on CPU only the eager step
-uses oneDNN-packed weights), interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only.
+one (R.COMPILE, read at every step; rollout's default "auto" is the compiled step wherever torch.compile works),
+interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only.
 The compile happens in the warm-up and its time is printed. About 8 minutes on 2 free cores (the HF loop of (a) on
 SmolLM2 is most of it); when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
 Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts abc] [--threads N] [--no-compile]

@@ -7,7 +7,7 @@ cache: the prompts, then each turn's observations), "decode" (the decode steps) 
 growth between forwards, sampling, env steps, tokenizing). Prints the wall times, then per phase its total and its
 heaviest operators; "python" is the phase's own time outside operators (module calls, argument handling). Needs
 the machine to itself.
-Usage: python bench/profile_rollout.py [--model smollm2-135m] [--new-tokens 24] [--rows 10] [--compile]
+Usage: python bench/profile_rollout.py [--model smollm2-135m] [--new-tokens 24] [--rows 10] [--no-compile]
 """
 import argparse
 import collections
@@ -46,9 +46,9 @@ def main():
     ap.add_argument("--model", default="smollm2-135m", help="model name (default smollm2-135m)")
     ap.add_argument("--new-tokens", type=int, default=24, help="tokens sampled per turn (default 24, as bench_rollout)")
     ap.add_argument("--rows", type=int, default=10, help="operators listed per phase (default 10)")
-    ap.add_argument("--compile", action="store_true", help="the compiled decode step (default: eager on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="the eager decode step (default: compiled, as rollout)")
     args = ap.parse_args()
-    R.COMPILE = args.compile
+    R.COMPILE = not args.no_compile
     model, tok = M.load(args.model)
     model.eval()
     seeds = envs.task_set("eval", BR.P)
