@@ -180,9 +180,9 @@ class Attention(nn.Module):
             # without grad (sampling, scoring through a cache): each kv head's R query heads as one head of R * W
             # queries, so its keys / values are read once, not R times; a decode step's attention is bound by
             # reading the cache (rollouts 4% faster; with grad the backward was 10% slower, hence enable_gqa there)
+            # mask: (B, 1, R * W, S), repeated once a forward by Transformer.forward, or (B, 1, 1, S) when W = 1
             R = H // Hkv
-            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, R * W, D), k, v,
-                                               attn_mask=mask if W == 1 else mask.repeat(1, 1, R, 1))
+            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, R * W, D), k, v, attn_mask=mask)
             y = y.view(B, H, W, D)
         return linear(y.transpose(1, 2).reshape(B, W, H * D), self.wo.weight)
 
@@ -250,6 +250,12 @@ class Transformer(nn.Module):
             pos, mask = torch.arange(W, device=idx.device).expand(B, W), None
         x = self.tok_emb(idx)  # (B, W, C)
         cos, sin = self.rope(pos, x)
+        if mask is not None and W > 1 and not torch.is_grad_enabled():
+            # for Attention's grouped-query branch (no grad): the mask of its R * W query rows, additive (what SDPA
+            # makes of a bool mask), made once here rather than in every layer (bitwise the same; prefill 1-2% faster)
+            R = self.config.n_heads // self.config.n_kv_heads
+            mask = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            mask = mask.repeat(1, 1, R, 1)  # (B, 1, R * W, S)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         x = self.norm(x)  # (B, W, C)

@@ -8,11 +8,11 @@
     the larger of weight bytes / copy bandwidth (a 256 MB numpy copy: bytes copied / time) and 2 x parameters x B
     FLOPs / fp32 matmul peak (2048^3), both measured in this process, before and after the steps.
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
-the same whatever gets sampled. (a) times ours before and after the baseline and averages; (b) alternates and
-keeps each side's best. Ours is timed twice in the same process, with the compiled decode step and with the eager
+the same whatever gets sampled. (a) runs ours, HF, ours, HF, ours and compares each HF loop with the mean of ours
+around it; (b) alternates and keeps each side's best. Ours is timed twice in the same process, with the compiled decode step and with the eager
 one (R.COMPILE, read at every step; rollout's default "auto" is the compiled step wherever torch.compile works),
 interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only.
-The compile happens in the warm-up and its time is printed. About 8 minutes on 2 free cores (the HF loop of (a) on
+The compile happens in the warm-up and its time is printed. About 11 minutes on 2 free cores (the HF loop of (a) on
 SmolLM2 is most of it); when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
 Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts abc] [--threads N] [--no-compile]
 """
@@ -111,20 +111,28 @@ def ours_multi_turn(model, tok, seeds, new_tokens):
                      min_new_tokens=new_tokens)
 
 
-def multi_turn(name, model, tok, hf, seeds, new_tokens, paths):
+def multi_turn(name, model, tok, hf, seeds, new_tokens, paths, rounds=2):
+    """Ours, HF, ours, HF, ours: each HF loop (~100 s) is bracketed by runs of ours, whose mean is compared with it
+    (a drift of the CPU's speed hits both); the ratio is over all rounds, and each round's is printed."""
     ours = lambda: ours_multi_turn(model, tok, seeds, new_tokens)  # noqa: E731
-    before = {c: with_step(c, ours) for c in paths}
-    n, t_hf = timed(lambda: hf_multi_turn(hf, tok, seeds, new_tokens, 0))
-    after = {c: with_step(c, ours)[1] for c in paths}  # ours runs before and after the (long) baseline: a drift
-    for c in paths:                                     # in the load cancels
-        eps, t_before = before[c]
-        t_ours = (t_before + after[c]) / 2
-        turns = sum(len(ep.turn_spans) for ep in eps)
+    t_ours, t_hf = {c: [] for c in paths}, []
+    for r in range(rounds + 1):
+        for c in paths:
+            eps, t = with_step(c, ours)
+            t_ours[c].append(t)
+        if r < rounds:
+            n, t = timed(lambda: hf_multi_turn(hf, tok, seeds, new_tokens, r))
+            t_hf.append(t)
+    turns = sum(len(ep.turn_spans) for ep in eps)
+    for c in paths:
+        bracket = [(a + b) / 2 for a, b in zip(t_ours[c], t_ours[c][1:])]  # ours around HF round r
+        each = ", ".join(f"{h / o * len(eps) / n:.2f}x" for h, o in zip(t_hf, bracket))
         print(f"[{name}] (a) multi-turn P={P} G={G} {TURNS} turns, {new_tokens} new tokens/turn, "
               f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
-              f"ours ({STEP[c]}) {len(eps) / t_ours:.3f} ep/s ({t_before:.1f} s / {after[c]:.1f} s before / after), "
-              f"HF generate loop {n / t_hf:.3f} ep/s ({t_hf:.1f} s) -> ratio {t_hf / t_ours * len(eps) / n:.2f}x "
-              "(goal >= 5x)", flush=True)
+              f"ours ({STEP[c]}) {len(eps) * len(bracket) / sum(bracket):.3f} ep/s "
+              f"({' / '.join(f'{t:.1f}' for t in t_ours[c])} s), HF generate loop {n * len(t_hf) / sum(t_hf):.3f} "
+              f"ep/s ({' / '.join(f'{t:.1f}' for t in t_hf)} s) -> ratio {sum(t_hf) / sum(bracket) * len(eps) / n:.2f}x "
+              f"over {rounds} rounds ({each}) (goal >= 5x)", flush=True)
 
 
 def single_turn(name, model, tok, hf, paths):
