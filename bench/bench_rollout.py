@@ -9,9 +9,9 @@
     FLOPs / fp32 matmul peak (2048^3), both measured in this process, before and after the steps.
 Both sides are forced to the same number of new tokens per turn (eos forbidden until the budget), so the work is
 the same whatever gets sampled. (a) runs ours, HF, ours, HF, ours and compares each HF loop with the mean of ours
-around it; (b) alternates and keeps each side's best. Ours is timed twice in the same process, with the compiled decode step and with the eager
-one (R.COMPILE, read at every step; rollout's default "auto" is the compiled step wherever torch.compile works),
-interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only.
+around it; (b) alternates and keeps each side's best. Ours is timed twice in the same process, with the compiled
+decode step and with the eager one (R.COMPILE, read at every step; rollout's default "auto" is the compiled step
+wherever torch.compile works), interleaved so that a drift of the CPU's speed hits both; --no-compile: eager only.
 The compile happens in the warm-up and its time is printed. About 11 minutes on 2 free cores (the HF loop of (a) on
 SmolLM2 is most of it); when other jobs share the CPU, 2-thread runs slow down erratically: use --threads 1 there.
 Usage: python bench/bench_rollout.py [--models smollm2-135m,tiny] [--parts abc] [--threads N] [--no-compile]
@@ -131,8 +131,8 @@ def multi_turn(name, model, tok, hf, seeds, new_tokens, paths, rounds=2):
               f"{turns} turns played, mean episode {sum(len(e.tokens) for e in eps) / len(eps):.0f} tokens: "
               f"ours ({STEP[c]}) {len(eps) * len(bracket) / sum(bracket):.3f} ep/s "
               f"({' / '.join(f'{t:.1f}' for t in t_ours[c])} s), HF generate loop {n * len(t_hf) / sum(t_hf):.3f} "
-              f"ep/s ({' / '.join(f'{t:.1f}' for t in t_hf)} s) -> ratio {sum(t_hf) / sum(bracket) * len(eps) / n:.2f}x "
-              f"over {rounds} rounds ({each}) (goal >= 5x)", flush=True)
+              f"ep/s ({' / '.join(f'{t:.1f}' for t in t_hf)} s) -> ratio "
+              f"{sum(t_hf) / sum(bracket) * len(eps) / n:.2f}x over {rounds} rounds ({each}) (goal >= 5x)", flush=True)
 
 
 def single_turn(name, model, tok, hf, paths):
